@@ -29,6 +29,8 @@ TORCH_LIBRARY(nudgefast, m) {
   // sampler.cpp: one candidate per row (sample_ref), and the RNG's hashes and noise (rng.hash_ref, gumbel_ref).
   m.def("sample(Tensor logits, Tensor seed, Tensor step, int stream, float temperature, float top_p) -> Tensor");
   m.def("rng_noise(Tensor seed, Tensor step, int stream, int n) -> (Tensor, Tensor)");
+  // block_linear.cpp: x float32 [M, K] @ W.T for W in quantized blocks (nudgefast/blocks.py BlockWeight).
+  m.def("block_linear(Tensor x, Tensor codes, Tensor scale, Tensor offset, int bits, int block) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(nudgefast, CPU, m) {
@@ -37,6 +39,7 @@ TORCH_LIBRARY_IMPL(nudgefast, CPU, m) {
   m.impl("nudge_step", &nudgefast::nudge_step);
   m.impl("sample", &nudgefast::sample);
   m.impl("rng_noise", &nudgefast::rng_noise);
+  m.impl("block_linear", &nudgefast::block_linear);
 }
 
 // A module with no functions: the ops are reached through torch.ops.nudgefast.

@@ -37,4 +37,9 @@ void nudge_step(const std::optional<at::Tensor>& base_logits, const std::optiona
                 int64_t mode, int64_t gate, double threshold, bool word_level, double temperature, double top_p,
                 int64_t max_new_tokens);
 
+// block_linear.cpp: y = x @ W.T, x float32 [M, K], W [N, K] as codes + per-block scale/offset
+// (nudgefast/blocks.py); bits 4 with block 32, or bits 8 with block 32 or 16. Returns [M, N].
+at::Tensor block_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                        const at::Tensor& offset, int64_t bits, int64_t block);
+
 }  // namespace nudgefast

@@ -78,10 +78,10 @@ class LoadedModel:
     """One model in the engine: weights, tokenizer (optional for generate_ids) and its page pool."""
 
     def __init__(self, name: str, model_dir: str | Path, device: torch.device, dtype: torch.dtype | None,
-                 backend: Backend, kv_cache_tokens: int | None, page_size: int):
+                 backend: Backend, kv_cache_tokens: int | None, page_size: int, weights: str = "dense"):
         self.name = name
         self.dir = Path(model_dir)
-        self.model = Transformer.from_dir(self.dir, device, dtype, backend)
+        self.model = Transformer.from_dir(self.dir, device, dtype, backend, weights)
         self.spec = self.model.spec
         self.tokenizer = Tokenizer(self.dir) if (self.dir / "tokenizer.json").is_file() else None
         if self.tokenizer is not None and self.tokenizer.vocab_size > self.spec.vocab_size:
@@ -116,13 +116,15 @@ class NudgingEngine:
     not need it). Extra knobs beyond DESIGN.md section 3: kv_cache_tokens (pool size per model),
     page_size, native (force the C++ CPU ops on/off), flag_interval (how many steps between reads
     of the all-finished flag), cuda_graphs, sync_debug (CUDA: any host sync between two flag reads
-    raises; used by the GPU tests).
+    raises; used by the GPU tests), weights ("dense": model.safetensors; "gguf": on the CPU, every
+    quantized linear weight is read from the blocks of the GGUF file the model was converted from,
+    ~5x fewer bytes per token for a Q4 file, same weight values: see blocks.py).
     """
 
     def __init__(self, base: str | Path | None = None, nudger: str | Path | None = None, device="cpu",
                  dtype: torch.dtype | str | None = None, *, kv_cache_tokens: int | None = None,
                  page_size: int = 16, native: bool | None = None, flag_interval: int = 16,
-                 cuda_graphs: bool = True, sync_debug: bool = False):
+                 cuda_graphs: bool = True, sync_debug: bool = False, weights: str = "dense"):
         if base is None and nudger is None:
             raise ValueError("NudgingEngine needs at least one model directory (base or nudger)")
         if isinstance(dtype, str):
@@ -132,6 +134,8 @@ class NudgingEngine:
             raise ValueError(f"page_size={page_size} must be >= 1")
         if flag_interval < 1:
             raise ValueError(f"flag_interval={flag_interval} must be >= 1")
+        if weights not in ("dense", "gguf"):
+            raise ValueError(f"weights={weights!r}; expected 'dense' or 'gguf'")
         self.device = torch.device(device)
         self.backend = Backend.for_device(self.device, native)
         log.info("nudgefast: %s backend on %s", self.backend.kind, self.device)
@@ -139,9 +143,11 @@ class NudgingEngine:
         self.flag_interval = flag_interval
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.sync_debug = sync_debug  # tests: raise on any host sync between two flag reads (CUDA)
-        self.base = LoadedModel("base", base, self.device, dtype, self.backend, kv_cache_tokens, page_size) if base else None
-        self.nudger = (LoadedModel("nudger", nudger, self.device, dtype, self.backend, kv_cache_tokens, page_size)
-                       if nudger else None)
+        self.weights = weights
+        load = lambda name, d: LoadedModel(name, d, self.device, dtype, self.backend, kv_cache_tokens,  # noqa: E731
+                                           page_size, weights)
+        self.base = load("base", base) if base else None
+        self.nudger = load("nudger", nudger) if nudger else None
         self._graphs = {}  # captured CUDA graphs, see cuda_graphs.py
         self._cross_vocabulary = None
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .blocks import BlockWeight, concat_rows
 from .config import ConfigError, ModelSpec
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -44,13 +45,15 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
                       "with model.safetensors.index.json")
 
 
-def read_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+def read_tensors(model_dir: Path, skip: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint except the names in `skip` (never read from disk)."""
     tensors: dict[str, torch.Tensor] = {}
     for path in checkpoint_files(model_dir):
         try:
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():
-                    tensors[name] = f.get_tensor(name)
+                    if name not in skip:
+                        tensors[name] = f.get_tensor(name)
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise ConfigError(f"cannot read {path}: {e}") from None
     return tensors
@@ -76,8 +79,15 @@ _NORM_ROLES = {
 _NORM_ROLES["gemma3"] = _NORM_ROLES["gemma2"]
 
 
+def _cat(parts: list) -> torch.Tensor | BlockWeight:
+    if any(isinstance(p, BlockWeight) for p in parts):
+        return concat_rows(parts)
+    return torch.cat(parts)
+
+
 def fused_state_dict(spec: ModelSpec, raw: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Map HF tensor names to model.py's parameters, fusing q/k/v and gate/up into single matmuls."""
+    """Map HF tensor names to model.py's parameters, fusing q/k/v and gate/up into single matmuls.
+    Linear weights may be BlockWeights (weights="gguf"); they are fused the same way."""
     # Tensors are popped as they are fused so peak host memory stays near one copy of the weights.
     t = {_strip_prefix(k): v for k, v in raw.items()}
     raw.clear()
@@ -100,7 +110,7 @@ def fused_state_dict(spec: ModelSpec, raw: dict[str, torch.Tensor], dtype: torch
         if q.shape != (spec.q_size, spec.hidden_size) or k.shape != (spec.kv_size, spec.hidden_size):
             raise ConfigError(f"layer {i}: q/k projection shapes {tuple(q.shape)}/{tuple(k.shape)} do not match "
                               f"the config (heads={spec.num_heads}, kv_heads={spec.num_kv_heads}, head_dim={spec.head_dim})")
-        out[p + "qkv"] = torch.cat([q, k, v])
+        out[p + "qkv"] = _cat([q, k, v])
         if spec.qkv_bias:
             out[p + "qkv_bias"] = torch.cat([take(a + "q_proj.bias"), take(a + "k_proj.bias"), take(a + "v_proj.bias")])
         out[p + "o"] = take(a + "o_proj.weight")
@@ -110,7 +120,7 @@ def fused_state_dict(spec: ModelSpec, raw: dict[str, torch.Tensor], dtype: torch
             out[p + "q_norm"] = take(a + "q_norm.weight")
             out[p + "k_norm"] = take(a + "k_norm.weight")
         m = p + "mlp."
-        out[p + "gate_up"] = torch.cat([take(m + "gate_proj.weight"), take(m + "up_proj.weight")])
+        out[p + "gate_up"] = _cat([take(m + "gate_proj.weight"), take(m + "up_proj.weight")])
         out[p + "down"] = take(m + "down_proj.weight")
         if spec.mlp_bias:
             out[p + "gate_up_bias"] = torch.cat([take(m + "gate_proj.bias"), take(m + "up_proj.bias")])

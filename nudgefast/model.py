@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import ModelSpec, load_spec
+from .blocks import BlockWeight, read_block_weights
+from .config import ConfigError, ModelSpec, load_spec
 from .kv_cache import AttentionMetadata, KVPool
 from .loader import fused_state_dict, read_tensors
 from .ops import Backend
@@ -54,11 +55,28 @@ class Transformer:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, device: torch.device, dtype: torch.dtype | None,
-                 backend: Backend) -> "Transformer":
+                 backend: Backend, weights: str = "dense") -> "Transformer":
+        """weights: "dense" reads model.safetensors; "gguf" (CPU, float32) keeps every quantized
+        linear weight in the blocks of the GGUF file the directory was converted from (blocks.py)."""
         spec = load_spec(model_dir)
         dtype = dtype or spec.dtype
-        weights = fused_state_dict(spec, read_tensors(Path(model_dir)), dtype)
-        return cls(spec, weights, device, dtype, backend)
+        if weights == "dense":
+            raw = read_tensors(Path(model_dir))
+        elif weights == "gguf":
+            if device.type != "cpu" or dtype != torch.float32:
+                raise ConfigError(f"weights='gguf' computes on the CPU in float32; got device={device}, "
+                                  f"dtype={dtype} (use weights='dense' there)")
+            blocks = read_block_weights(Path(model_dir))
+            raw = read_tensors(Path(model_dir), skip=frozenset(blocks))
+            raw.update(blocks)
+        else:
+            raise ValueError(f"weights={weights!r}; expected 'dense' or 'gguf'")
+        return cls(spec, fused_state_dict(spec, raw, dtype), device, dtype, backend)
+
+    def _linear(self, x: torch.Tensor, w, bias: torch.Tensor | None) -> torch.Tensor:
+        if type(w) is BlockWeight:
+            return self.backend.block_linear(x, w, bias)
+        return F.linear(x, w, bias)
 
     def _norm_weight(self, w: torch.Tensor | None) -> torch.Tensor | None:
         # Gemma's RMSNorm scales by (1 + w), computed in float32: fold the 1 in once, here.
@@ -98,14 +116,14 @@ class Transformer:
         spec = self.spec
         T = input_ids.shape[0]
         H, Hkv, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        h = F.embedding(input_ids, self.embed)
+        h = self.embed.rows(input_ids) if type(self.embed) is BlockWeight else F.embedding(input_ids, self.embed)
         if self.embed_scale is not None:
             h = h * self.embed_scale
         ropes = self._rope_tables(positions)
         for i, L in enumerate(self.layers):
             # --- attention block
             x = self._norm(h, L["attn_pre_norm"]) if spec.pre_norms else h
-            qkv = F.linear(x, L["qkv"], L["qkv_bias"])
+            qkv = self._linear(x, L["qkv"], L["qkv_bias"])
             if spec.clip_qkv is not None:
                 qkv = qkv.clamp(-spec.clip_qkv, spec.clip_qkv)
             q, k, v = qkv.split([spec.q_size, spec.kv_size, spec.kv_size], dim=-1)
@@ -118,22 +136,22 @@ class Transformer:
             q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
             self.backend.store_kv(k, v, kv.k[i], kv.v[i], meta.slot_mapping)
             a = self.backend.attention(q, kv.k[i], kv.v[i], meta, spec.attn_scale, L["window"], spec.attn_softcap)
-            a = F.linear(a.reshape(T, H * D), L["o"], L["o_bias"])
+            a = self._linear(a.reshape(T, H * D), L["o"], L["o_bias"])
             if spec.post_norms:
                 a = self._norm(a, L["attn_post_norm"])
             h = h + a
             # --- MLP block
             x = self._norm(h, L["mlp_pre_norm"]) if spec.pre_norms else h
-            gate, up = F.linear(x, L["gate_up"], L["gate_up_bias"]).chunk(2, dim=-1)
+            gate, up = self._linear(x, L["gate_up"], L["gate_up_bias"]).chunk(2, dim=-1)
             act = F.silu(gate) if spec.activation == "silu" else F.gelu(gate, approximate="tanh")
-            m = F.linear(act * up, L["down"], L["down_bias"])
+            m = self._linear(act * up, L["down"], L["down_bias"])
             if spec.post_norms:
                 m = self._norm(m, L["mlp_post_norm"])
             h = h + m
         if logits_indices is not None:
             h = h[logits_indices]
         h = self._norm(h, self.final_norm)
-        logits = F.linear(h, self.lm_head)
+        logits = self._linear(h, self.lm_head, None)
         if spec.final_softcap:
             logits = torch.tanh(logits / spec.final_softcap) * spec.final_softcap
         return logits

@@ -32,6 +32,7 @@ class Backend:
             ops = torch.ops.nudgefast
             self._store = ops.store_kv
             self._native_attention = ops.paged_attention
+            self._block_linear = ops.block_linear
         elif kind == "triton":
             from .kernels.kv_store import store_kv
             from .kernels.paged_decode_attention import paged_decode_attention
@@ -58,6 +59,17 @@ class Backend:
             raise RuntimeError("native CPU ops were requested but nudgefast._C is not built "
                                "(reinstall with `pip install --no-build-isolation -e .`)")
         return Backend("native" if native else "torch")
+
+    def block_linear(self, x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., K] @ W.T for a BlockWeight W (blocks.py): the native op, or its reference."""
+        if self.kind == "triton":
+            raise ValueError("GGUF block weights run on the CPU only")
+        if self.kind == "torch":
+            from .blocks import block_linear_ref
+            return block_linear_ref(x, w, bias)
+        y = self._block_linear(x.reshape(-1, x.shape[-1]), w.codes, w.scale, w.offset, w.bits, w.block)
+        y = y.view(*x.shape[:-1], y.shape[-1])
+        return y if bias is None else y + bias
 
     def store_kv(self, k, v, k_pages, v_pages, slot_mapping) -> None:
         self._store(k, v, k_pages, v_pages, slot_mapping)

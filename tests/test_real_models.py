@@ -1,5 +1,6 @@
 """The two real models that install offline, converted from their GGUF packages: greedy decoding
-equals transformers loading the same GGUF file with `gguf_file=` (the conversion's oracle)."""
+equals transformers loading the same GGUF file with `gguf_file=` (the conversion's oracle), with
+dense float32 weights and with the linear weights read from the GGUF's blocks (weights="gguf")."""
 import gc
 
 import pytest
@@ -35,15 +36,18 @@ def test_greedy_equals_transformers_gguf(name, gguf, chat):
     else:
         prompt = tok.encode("The three primary colours are")
         assert prompt[0] == tok.bos_token_id  # gemma's tokenizer adds its BOS
-    engine = nf.NudgingEngine(base=model_dir)
     cfg = nf.NudgeConfig(mode="base_only", max_new_tokens=NEW_TOKENS, stop_token_ids=[])
-    (ours,) = engine.generate_ids(base_prompts=[prompt], config=cfg)
-    del engine
-    gc.collect()
+    ours = {}
+    for weights in ("dense", "gguf"):
+        engine = nf.NudgingEngine(base=model_dir, weights=weights)
+        (ours[weights],) = engine.generate_ids(base_prompts=[prompt], config=cfg)
+        del engine
+        gc.collect()
     hf = _hf_from_gguf(gguf())
     with torch.no_grad():
         out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                           max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
     expected = out[0, len(prompt):].tolist()
-    assert ours.token_ids == expected, (tok.decode(ours.token_ids), tok.decode(expected))
+    for weights, completion in ours.items():
+        assert completion.token_ids == expected, (weights, tok.decode(completion.token_ids), tok.decode(expected))
     assert len(set(expected)) > 5  # a real answer, not a degenerate repeat

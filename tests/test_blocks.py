@@ -1,0 +1,287 @@
+"""Linear weights read from a GGUF file's quantized blocks (nudgefast/blocks.py, csrc/block_linear.cpp).
+
+Expectations re-stated:
+- Every supported GGML type decodes to codes, scales and offsets whose `scale * code + offset`
+  equals the `gguf` package's dequantized values bit for bit (random blocks here; every tensor of
+  both real models against the converted model.safetensors in the slow test).
+- Widening (4 -> 8 bits, block 32 -> 16), row concatenation and row lookup change no value.
+- The native block_linear equals dequantize-then-F.linear up to float32 summation order:
+  |error| <= 1e-5 * max(|x| @ |W|^T) (a few ulps of the sum of magnitudes), for the AVX2 kernel and
+  the portable one, over a table of shapes (odd N, every M chunking path) and the three layouts.
+- An engine with weights="gguf" writes what the dense engine writes and what the reference
+  algorithm writes (greedy and seeded sampling); bad requests name what is wrong.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGMLQuantizationType as Q  # noqa: E402
+
+import nudgefast as nf  # noqa: E402
+from nudgefast.blocks import (  # noqa: E402
+    SUPPORTED_TYPES, BlockWeight, block_linear_ref, concat_rows, from_ggml, read_block_weights)
+from nudgefast.config import ConfigError  # noqa: E402
+from nudgefast.ops import Backend, native_ops_available  # noqa: E402
+
+native = pytest.mark.skipif(not native_ops_available(), reason="native CPU ops not built")
+
+# Byte offsets of the float16 scale/min fields in one block of each type.
+F16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
+              "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+
+
+def random_blocks(type_name: str, rows: int, cols: int, rng) -> np.ndarray:
+    """Random GGML blocks of a [rows, cols] tensor with finite float16 scales (random bytes
+    everywhere else: every code, sub-block scale and high bit pattern occurs)."""
+    block, type_size = gguf.constants.GGML_QUANT_SIZES[Q[type_name]]
+    raw = rng.integers(0, 256, size=(rows * cols // block, type_size), dtype=np.uint8)
+    for at in F16_FIELDS[type_name]:
+        raw[:, at:at + 2] = (rng.standard_normal(len(raw)) * 0.01).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("type_name", SUPPORTED_TYPES)
+@pytest.mark.parametrize("rows, cols", [(3, 256), (5, 512)])
+def test_decoding_equals_gguf_dequantize_bit_for_bit(type_name, rows, cols):
+    raw = random_blocks(type_name, rows, cols, np.random.default_rng(rows + len(type_name)))
+    want = torch.from_numpy(gguf.quants.dequantize(raw, Q[type_name]).reshape(rows, cols).astype(np.float32))
+    w = from_ggml(type_name, raw, (rows, cols))
+    assert w.shape == (rows, cols)
+    assert (w.bits, w.block) == ((4, 32) if type_name in ("Q4_0", "Q4_1", "Q4_K") else
+                                 (8, 16) if type_name == "Q6_K" else (8, 32))
+    assert torch.equal(w.dequantize(), want)
+    assert w.nbytes < want.numel() * 4 * (12 / 32 + 0.01)  # at most 12 bits per weight
+
+
+def random_weight(n: int, k: int, bits: int, block: int, seed: int = 0) -> BlockWeight:
+    g = torch.Generator().manual_seed(seed)
+    codes = (torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8) if bits == 4 else
+             torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8))
+    scale = torch.rand(n, k // block, generator=g) * 0.02
+    offset = torch.randn(n, k // block, generator=g) * 0.05
+    return BlockWeight(codes, scale, offset, bits, block)
+
+
+LAYOUTS = [(4, 32), (8, 32), (8, 16)]
+
+
+def test_widening_concatenation_and_rows_keep_values():
+    parts = [random_weight(5, 64, bits, block, seed=i) for i, (bits, block) in enumerate(LAYOUTS)]
+    fused = concat_rows(parts)
+    assert (fused.bits, fused.block) == (8, 16)
+    assert torch.equal(fused.dequantize(), torch.cat([p.dequantize() for p in parts]))
+    assert torch.equal(concat_rows(parts[:1] * 2).dequantize(), torch.cat([parts[0].dequantize()] * 2))
+    assert concat_rows(parts[:1] * 2).bits == 4  # same layouts are not widened
+    dense = torch.randn(3, 64)
+    mixed = concat_rows([parts[0], dense])
+    assert isinstance(mixed, torch.Tensor) and torch.equal(mixed, torch.cat([parts[0].dequantize(), dense]))
+    ids = torch.tensor([4, 0, 4, 2])
+    for p in parts:
+        assert torch.equal(p.rows(ids), p.dequantize()[ids])
+    with pytest.raises(ValueError, match="cannot widen"):
+        parts[2].widened(4, 32)
+    with pytest.raises(ValueError, match="CPU in float32"):
+        parts[0].to(torch.bfloat16)
+
+
+# (N, K, M): odd N; M = 1 (decode), 2/3/5 (the 2- and 1-row tails), 8, 13, 17 (prefill passes of 8)
+LINEAR_CASES = [(1, 32, 1), (37, 96, 2), (129, 256, 3), (64, 576, 5), (7, 160, 8), (33, 64, 13), (5, 1024, 17)]
+
+
+def assert_linear_close(got, x, w):
+    want = block_linear_ref(x, w)
+    bound = (x.abs() @ w.dequantize().abs().T).max().item()
+    err = (got - want).abs().max().item()
+    assert got.shape == want.shape and err <= 1e-5 * bound, f"max abs error {err:.3g} > 1e-5 * {bound:.3g}"
+
+
+@native
+@pytest.mark.parametrize("bits, block", LAYOUTS)
+@pytest.mark.parametrize("n, k, m", LINEAR_CASES)
+def test_native_block_linear_equals_reference(bits, block, n, k, m):
+    w = random_weight(n, k, bits, block, seed=n * k + m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    got = torch.ops.nudgefast.block_linear(x, w.codes, w.scale, w.offset, bits, block)
+    assert_linear_close(got, x, w)
+
+
+@native
+def test_backend_block_linear_takes_views_leading_dims_and_bias():
+    w = random_weight(19, 64, 4, 32)
+    x = torch.randn(2, 3, 128)[..., ::2]  # not contiguous
+    bias = torch.randn(19)
+    for kind in ("native", "torch"):
+        got = Backend(kind).block_linear(x, w, bias)
+        want = torch.nn.functional.linear(x, w.dequantize(), bias)
+        assert got.shape == (2, 3, 19) and torch.allclose(got, want, atol=1e-5, rtol=0)
+
+
+@native
+def test_portable_kernel_equals_reference():
+    """The kernel for CPUs without AVX2 (chosen once per process, so in a child process)."""
+    script = ("import torch, nudgefast._C\n"
+              "from test_blocks import LAYOUTS, LINEAR_CASES, random_weight, assert_linear_close\n"
+              "for bits, block in LAYOUTS:\n"
+              "    for n, k, m in LINEAR_CASES:\n"
+              "        w = random_weight(n, k, bits, block, seed=n)\n"
+              "        x = torch.randn(m, k)\n"
+              "        assert_linear_close(torch.ops.nudgefast.block_linear(x, w.codes, w.scale, w.offset, bits,"
+              " block), x, w)\n"
+              "print('portable ok')\n")
+    env = {**os.environ, "NUDGEFAST_PORTABLE_KERNELS": "1", "PYTHONPATH": os.path.dirname(__file__)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "portable ok" in out.stdout, out.stderr[-2000:]
+
+
+@native
+def test_native_block_linear_rejects_bad_inputs():
+    w = random_weight(4, 64, 8, 32)
+    op = torch.ops.nudgefast.block_linear
+    with pytest.raises(ValueError, match="columns"):
+        op(torch.randn(1, 32), w.codes, w.scale, w.offset, 8, 32)
+    with pytest.raises(TypeError, match="float32"):
+        op(torch.randn(1, 64, dtype=torch.float64), w.codes, w.scale, w.offset, 8, 32)
+    with pytest.raises(TypeError, match="codes"):
+        op(torch.randn(1, 64), w.codes.view(torch.uint8), w.scale, w.offset, 8, 32)
+    with pytest.raises(ValueError, match="unsupported layout"):
+        op(torch.randn(1, 64), w.codes, w.scale, w.offset, 4, 16)
+    assert op(torch.randn(1, 64), w.codes, w.scale, w.offset, 8, 32).shape == (1, 4)  # still usable
+
+
+# ----------------------------------------------------------------------------- engines on GGUF models
+
+# Every linear weight quantized, in a mix that makes the fused q/k/v widen 4 -> 8 bits.
+STORAGE = {"q_proj": Q.Q4_0, "k_proj": Q.Q5_0, "v_proj": Q.Q8_0, "o_proj": Q.Q4_1, "gate_proj": Q.Q4_1,
+           "up_proj": Q.Q4_1, "down_proj": Q.Q5_1, "embed": Q.Q8_0, "lm_head": Q.Q4_0}
+
+
+def storage_type(hf_name, shape):
+    if len(shape) == 1:
+        return Q.F32
+    return next(q for part, q in STORAGE.items() if part in hf_name)
+
+
+@pytest.fixture(scope="module")
+def gguf_pair(tmp_path_factory):
+    """Two tiny llama models (different weights, one tokenizer) written as quantized GGUF files and
+    converted: (base_dir, nudger_dir)."""
+    import test_gguf
+
+    root = tmp_path_factory.mktemp("gguf-pair")
+    patch = pytest.MonkeyPatch()
+    patch.setattr(test_gguf, "storage_type", storage_type)
+    dirs = []
+    try:
+        for seed in (0, 1):
+            spec = ("llama", 2, 64, 4, 2, 16, 96, len(test_gguf.TINY_TOKENS), False)
+            test_gguf.write_tiny_gguf(root / f"m{seed}.gguf", spec, seed=seed, tokenizer=True)
+            dirs.append(nf.convert_gguf(root / f"m{seed}.gguf", root / f"m{seed}", progress=False))
+    finally:
+        patch.undo()
+    return dirs
+
+
+PROMPTS = [[1, 70, 71, 72], [1, 80, 90, 100, 110, 120, 130]]
+
+
+@native
+def test_gguf_weights_engine_writes_what_the_dense_engine_writes(gguf_pair):
+    base, nudger = gguf_pair
+    blocks = read_block_weights(base)
+    assert {type(w) for w in blocks.values()} == {BlockWeight} and len(blocks) == 2 * 7 + 2
+    engines = {weights: nf.NudgingEngine(base, nudger, weights=weights, page_size=4, kv_cache_tokens=256)
+               for weights in ("dense", "gguf")}
+    engines["gguf-torch"] = nf.NudgingEngine(base, nudger, weights="gguf", native=False, page_size=4,
+                                             kv_cache_tokens=256)
+    layer = engines["gguf"].base.model.layers[0]
+    assert isinstance(layer["qkv"], BlockWeight) and layer["qkv"].bits == 8  # widened: q is 4-bit
+    assert isinstance(layer["gate_up"], BlockWeight) and layer["gate_up"].bits == 4
+    for config in (nf.NudgeConfig(mode="base_only", max_new_tokens=12, stop_token_ids=[]),
+                   nf.NudgeConfig(mode="nudging", granularity="token", threshold=0.1, max_new_tokens=12,
+                                  stop_token_ids=[], temperature=0.8, seed=3),
+                   nf.NudgeConfig(mode="nudging", speculate=3, threshold=0.1, max_new_tokens=12, stop_token_ids=[])):
+        outs = {name: e.generate_ids(PROMPTS, PROMPTS, config) for name, e in engines.items()}
+        for name in ("gguf", "gguf-torch"):
+            assert [o.token_ids for o in outs[name]] == [o.token_ids for o in outs["dense"]], (name, config)
+            assert [o.from_nudger for o in outs[name]] == [o.from_nudger for o in outs["dense"]], (name, config)
+
+
+@native
+def test_gguf_weights_nudging_equals_the_reference(gguf_pair):
+    from nudgefast.reference import reference_generate
+
+    base, nudger = gguf_pair
+    engine = nf.NudgingEngine(base, nudger, weights="gguf", page_size=4, kv_cache_tokens=256)
+    hf = [__import__("transformers").AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32) for d in gguf_pair]
+
+    def logits_fn(model):
+        def fn(ids):
+            with torch.no_grad():
+                return model(torch.tensor([ids])).logits[0, -1].float()
+        return fn
+
+    table = engine.nudger.tokenizer.word_start_table(engine.nudger.spec.vocab_size)
+    fractions = []
+    for threshold in (0.04, 0.07):  # around the base's top-1 probabilities here
+        config = nf.NudgeConfig(mode="nudging", granularity="word", threshold=threshold, max_new_tokens=16,
+                                stop_token_ids=[])
+        outs = engine.generate_ids(PROMPTS, PROMPTS, config)
+        for prompt, out in zip(PROMPTS, outs):
+            ref = reference_generate(logits_fn(hf[0]), logits_fn(hf[1]), prompt, prompt, config, set(),
+                                     lambda i: bool(table[i]), 0)
+            assert (out.token_ids, out.from_nudger) == (ref.token_ids, ref.from_nudger)
+            fractions.append(out.nudged_fraction)
+    assert any(0 < f < 1 for f in fractions), fractions  # answers where both models wrote
+
+
+def test_gguf_weights_bad_requests_are_explained(gguf_pair, tmp_path):
+    base, _ = gguf_pair
+    with pytest.raises(ValueError, match="weights='bogus'"):
+        nf.NudgingEngine(base, weights="bogus")
+    with pytest.raises(ConfigError, match="float32"):
+        nf.NudgingEngine(base, weights="gguf", dtype="bfloat16")
+    # a directory that was not converted from GGUF
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for f in base.iterdir():
+        if f.name != nf.gguf.CONVERSION_MARKER:
+            (plain / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(ConfigError, match="converted from a GGUF"):
+        nf.NudgingEngine(plain, weights="gguf")
+    # its source file moved away
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for f in base.iterdir():
+        (moved / f.name).write_bytes(f.read_bytes())
+    marker = json.loads((moved / nf.gguf.CONVERSION_MARKER).read_text())
+    marker["source"] = str(tmp_path / "nowhere.gguf")
+    (moved / nf.gguf.CONVERSION_MARKER).write_text(json.dumps(marker))
+    with pytest.raises(ConfigError, match="gone or has changed"):
+        nf.NudgingEngine(moved, weights="gguf")
+    assert nf.NudgingEngine(plain, weights="dense").base is not None  # dense still loads
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma-3-270m"])
+def test_real_model_blocks_equal_the_converted_weights(name):
+    """Every quantized tensor of both packaged models (Q4_1, Q8_0; Q5_0, Q4_K, Q6_K, Q8_0), after
+    the converter's renaming and llama row un-permutation, dequantizes to model.safetensors exactly."""
+    from safetensors import safe_open
+
+    from nudgefast import packaged
+
+    model_dir = packaged.packaged_model_dir(name)
+    blocks = read_block_weights(model_dir)
+    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
+        linear = [k for k in f.keys() if k.endswith("proj.weight") or "embed" in k or "lm_head" in k]
+        assert sorted(blocks) == sorted(linear)
+        for hf_name, w in blocks.items():
+            assert torch.equal(w.dequantize(), f.get_tensor(hf_name)), hf_name
+    dense_bytes = sum(w.shape.numel() * 4 for w in blocks.values())
+    assert sum(w.nbytes for w in blocks.values()) < 0.35 * dense_bytes
