@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from .api import LoadedModel, NudgeConfig, NudgingEngine
+from .blocks import BlockWeight
 from .config import ModelSpec, spec_from_config
 from .kv_cache import KVPool
 from .model import Transformer
@@ -266,7 +267,7 @@ def engine_from_models(base: tuple | None, nudger: tuple | None, device, *, kv_c
 
     given = {"base": base, "nudger": nudger}
 
-    def load(name, _dir, device, _dtype, backend, kv_tokens, page):
+    def load(name, _dir, device, _dtype, backend, kv_tokens, page, _weights="dense"):
         spec, weights, tokenizer = given[name]
         dtype = next(iter(weights.values())).dtype
         return _loaded(name, Transformer(spec, weights, device, dtype, backend), tokenizer, kv_tokens, page)
@@ -339,7 +340,7 @@ def dir_models(base_dir, nudger_dir, device, dtype: torch.dtype | None, kv_cache
 
     return Models(engine, {}, loader, False, {
         "source": "dirs", "base": str(base_dir) if base_dir else None, "nudger": str(nudger_dir) if nudger_dir else None,
-        "dtype": str((engine.base or engine.nudger).model.dtype)})
+        "dtype": str((engine.base or engine.nudger).model.dtype), "weights": engine.weights})
 
 
 # =================================================================================================
@@ -675,12 +676,16 @@ def weight_bytes(model: Transformer) -> int:
     """Bytes of weights one decode forward reads: every layer tensor, the final norm and the whole
     output head (the embedding table is only gathered, a few rows, unless it is the head)."""
     seen, total = set(), 0
-    tensors = [t for layer in model.layers for t in layer.values() if isinstance(t, torch.Tensor)]
+    tensors = [t for layer in model.layers for t in layer.values() if isinstance(t, (torch.Tensor, BlockWeight))]
     tensors += [model.lm_head] + ([model.final_norm] if model.final_norm is not None else [])
     for t in tensors:
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
+        if isinstance(t, BlockWeight):  # GGUF blocks: codes + scales + offsets
+            key, size = t.codes.data_ptr(), t.nbytes
+        else:
+            key, size = t.data_ptr(), t.numel() * t.element_size()
+        if key not in seen:
+            seen.add(key)
+            total += size
     return total
 
 
@@ -969,6 +974,9 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--native", choices=["auto", "on", "off"], default="auto", help="the C++ CPU ops")
+    p.add_argument("--weights", choices=["dense", "gguf"], default="dense",
+                   help="gguf: CPU linears read the quantized blocks of the models' GGUF files (the anchors "
+                        "always run transformers on the dense float32 conversion)")
     p.add_argument("--flag-interval", type=int, default=16)
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--no-bandwidth", action="store_true", help="skip the copy-bandwidth measurement")
@@ -1009,6 +1017,8 @@ def parse_args(argv):
         args.cases = list(dict.fromkeys(cases))
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
+    if args.weights == "gguf" and args.preset:
+        p.error("--weights gguf needs models converted from GGUF files, not a random-weight preset")
     return args
 
 
@@ -1024,6 +1034,7 @@ def build_models(args) -> Models:
     kv_tokens = need + 128 * max(c.batch for c in args.cases)  # page rounding, chat-template overhead
     if args.preset:
         return preset_models(args.preset, args.device, dtype or torch.bfloat16, kv_tokens, args.seed, **kw)
+    kw["weights"] = args.weights
     if args.packaged:
         from .packaged import packaged_model_dir
 
