@@ -26,7 +26,10 @@ configuration, after checking that both wrote the same tokens ("same tokens"). O
 other jobs, wall-clock rates depend on how the scheduler shares the cores; "speed-up (CPU time)"
 compares tokens per second of process CPU time (single-threaded runs), which does not. "Random weights"
 rows use planted random weights at the real shapes (see nudgefast/bench.py): they measure speed,
-never quality. "Bound" is the fraction of the memory-bandwidth bound (bytes read per decode step
+never quality. "nudgefast weights": "dense" reads the float32 (or bf16) tensors, "GGUF blocks"
+(`--weights gguf`, CPU) reads the quantized blocks of the GGUF file the model was converted from:
+the same weight values in fewer bytes; the transformers anchors always run the dense float32
+conversion, and "same tokens" still checks both wrote the same answer. "Bound" is the fraction of the memory-bandwidth bound (bytes read per decode step
 over the measured copy bandwidth) that the decode phase reached.
 """
 
@@ -59,7 +62,9 @@ def _commit(data: dict) -> str:
 
 
 def _common(name: str, data: dict) -> list[str]:
-    return [name, _cell(data["device"]["name"]), _commit(data), "yes" if data.get("random_weights") else "no"]
+    weights = (data.get("models") or {}).get("weights", "dense")
+    return [name, _cell(data["device"]["name"]), _commit(data), "yes" if data.get("random_weights") else "no",
+            "GGUF blocks" if weights == "gguf" else weights]
 
 
 def _case(s: dict) -> str:
@@ -73,7 +78,7 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
 
 
 def render(results: list[tuple[str, dict]]) -> str:
-    common = ["File", "Device", "Commit", "Random weights"]
+    common = ["File", "Device", "Commit", "Random weights", "nudgefast weights"]
     speedups, scenarios, machines = [], [], []
     for name, data in results:
         cmd = f"`{_cell(data['command'])}`"

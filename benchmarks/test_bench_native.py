@@ -7,7 +7,8 @@ table. Shapes: SmolLM2-135M (Hq 9, Hkv 3, D 64) and gemma-3-270m (Hq 4, Hkv 1, D
 attention at ~300 keys, batch 1 and 4, fp32 and bf16; a 64-token prefill chunk; store_kv of a
 decode step and of a prompt; the fused nudge step at SmolLM2's vocabulary (49152), batch 1 and 4,
 greedy / temperature 0.7 / temperature 0.7 + top-p 0.9, on language-model-shaped logits (a few
-dozen plausible tokens above a long tail). Skipped when the extension is not built.
+dozen plausible tokens above a long tail); block_linear (GGUF block weights) at SmolLM2's linear
+shapes against the dense float32 matmul and the reference. Skipped when the extension is not built.
 """
 import math
 
@@ -142,3 +143,40 @@ def test_nudge_step(benchmark, impl, sampling, batch):
         return (base_logits, nudger_logits, copy(state), params, copy(cursors[0]), copy(cursors[1])), {}
 
     benchmark.pedantic(fn, setup=fresh, rounds=30 if impl == "ref" else 200, warmup_rounds=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# block_linear: GGUF block weights (weights="gguf") against the dense float32 matmul they replace
+# and the reference (dequantize, then F.linear). SmolLM2-135M's shapes: fused qkv, o, gate_up, down
+# (Q4_1: 4-bit) and the output head (Q8_0: 8-bit); M = 1 (decode) and 5 (a K=4 verify).
+# ----------------------------------------------------------------------------------------------
+
+from nudgefast.blocks import BlockWeight, block_linear_ref  # noqa: E402
+
+LINEARS = {"qkv": (960, 576, 4), "o": (576, 576, 4), "gate_up": (3072, 576, 4), "down": (576, 1536, 4),
+           "lm_head": (49152, 576, 8)}
+
+
+def _block_weight(n, k, bits, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    codes = (torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8) if bits == 4 else
+             torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8))
+    return BlockWeight(codes, torch.rand(n, k // 32, generator=gen) * 0.01,
+                       torch.randn(n, k // 32, generator=gen) * 0.01, bits, 32)
+
+
+@pytest.mark.parametrize("impl", ["native", "dense", "ref"])
+@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("name", list(LINEARS))
+def test_block_linear(benchmark, impl, m, name):
+    n, k, bits = LINEARS[name]
+    benchmark.group = f"block_linear {name} M={m}"
+    w = _block_weight(n, k, bits)
+    x = torch.randn(m, k)
+    if impl == "native":
+        benchmark(OPS.block_linear, x, w.codes, w.scale, w.offset, w.bits, w.block)
+    elif impl == "dense":  # what weights="dense" runs: float32 weights, 4-8x the bytes
+        dense = w.dequantize()
+        benchmark(torch.nn.functional.linear, x, dense)
+    else:
+        benchmark(block_linear_ref, x, w)

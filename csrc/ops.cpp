@@ -31,6 +31,8 @@ TORCH_LIBRARY(nudgefast, m) {
   m.def("rng_noise(Tensor seed, Tensor step, int stream, int n) -> (Tensor, Tensor)");
   // block_linear.cpp: x float32 [M, K] @ W.T for W in quantized blocks (nudgefast/blocks.py BlockWeight).
   m.def("block_linear(Tensor x, Tensor codes, Tensor scale, Tensor offset, int bits, int block) -> Tensor");
+  // rms_norm.cpp: x float32 [..., n] / sqrt(mean(x^2) + eps) * weight [n] (weight optional).
+  m.def("rms_norm(Tensor x, Tensor? weight, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(nudgefast, CPU, m) {
@@ -40,6 +42,7 @@ TORCH_LIBRARY_IMPL(nudgefast, CPU, m) {
   m.impl("sample", &nudgefast::sample);
   m.impl("rng_noise", &nudgefast::rng_noise);
   m.impl("block_linear", &nudgefast::block_linear);
+  m.impl("rms_norm", &nudgefast::rms_norm);
 }
 
 // A module with no functions: the ops are reached through torch.ops.nudgefast.

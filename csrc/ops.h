@@ -42,4 +42,7 @@ void nudge_step(const std::optional<at::Tensor>& base_logits, const std::optiona
 at::Tensor block_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                         const at::Tensor& offset, int64_t bits, int64_t block);
 
+// rms_norm.cpp: x float32 [..., n] / sqrt(mean(x^2) + eps) * weight (float32 [n], optional).
+at::Tensor rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& weight, double eps);
+
 }  // namespace nudgefast

@@ -91,8 +91,8 @@ class Transformer:
         if kind == "layernorm_np":
             return F.layer_norm(x.float(), (x.shape[-1],), None, None, 1e-5).to(x.dtype)
         if kind == "rms_gemma":
-            return F.rms_norm(x.float(), (x.shape[-1],), w, self.spec.norm_eps).to(x.dtype)
-        return F.rms_norm(x, (x.shape[-1],), w, self.spec.norm_eps)
+            return self.backend.rms_norm(x.float(), w, self.spec.norm_eps).to(x.dtype)
+        return self.backend.rms_norm(x, w, self.spec.norm_eps)
 
     def _rope_tables(self, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         tables = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import torch
+import torch.nn.functional as F
 
 from .kv_cache import AttentionMetadata
 
@@ -33,6 +34,7 @@ class Backend:
             self._store = ops.store_kv
             self._native_attention = ops.paged_attention
             self._block_linear = ops.block_linear
+            self._rms_norm = ops.rms_norm
         elif kind == "triton":
             from .kernels.kv_store import store_kv
             from .kernels.paged_decode_attention import paged_decode_attention
@@ -70,6 +72,13 @@ class Backend:
         y = self._block_linear(x.reshape(-1, x.shape[-1]), w.codes, w.scale, w.offset, w.bits, w.block)
         y = y.view(*x.shape[:-1], y.shape[-1])
         return y if bias is None else y + bias
+
+    def rms_norm(self, x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
+        """F.rms_norm over the last dimension; the native op for float32 on the CPU (one call instead
+        of torch's six small ops, whose overhead dominates at decode)."""
+        if self.kind == "native" and x.dtype == torch.float32 and (w is None or w.dtype == torch.float32):
+            return self._rms_norm(x, w, eps)
+        return F.rms_norm(x, (x.shape[-1],), w, eps)
 
     def store_kv(self, k, v, k_pages, v_pages, slot_mapping) -> None:
         self._store(k, v, k_pages, v_pages, slot_mapping)

@@ -11,6 +11,7 @@ Expectations re-stated:
 - An engine with weights="gguf" writes what the dense engine writes and what the reference
   algorithm writes (greedy and seeded sampling); bad requests name what is wrong.
 """
+import argparse
 import json
 import os
 import subprocess
@@ -90,8 +91,10 @@ def test_widening_concatenation_and_rows_keep_values():
         parts[0].to(torch.bfloat16)
 
 
-# (N, K, M): odd N; M = 1 (decode), 2/3/5 (the 2- and 1-row tails), 8, 13, 17 (prefill passes of 8)
-LINEAR_CASES = [(1, 32, 1), (37, 96, 2), (129, 256, 3), (64, 576, 5), (7, 160, 8), (33, 64, 13), (5, 1024, 17)]
+# (N, K, M): odd N; M = 1 (decode), 2/3/5 (the 2- and 1-row tails), 8, 13, 16 (direct, passes of 8);
+# M = 17, 70: dequantize + BLAS (prefill)
+LINEAR_CASES = [(1, 32, 1), (37, 96, 2), (129, 256, 3), (64, 576, 5), (7, 160, 8), (33, 64, 13), (5, 1024, 16),
+                (21, 96, 17), (40, 64, 70)]
 
 
 def assert_linear_close(got, x, w):
@@ -109,6 +112,14 @@ def test_native_block_linear_equals_reference(bits, block, n, k, m):
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
     got = torch.ops.nudgefast.block_linear(x, w.codes, w.scale, w.offset, bits, block)
     assert_linear_close(got, x, w)
+
+
+@native
+def test_native_block_linear_prefill_over_several_slabs():
+    """More rows than one 64 MB slab of dequantized weights holds (a big output head at prefill)."""
+    w = random_weight(16500, 1024, 4, 32, seed=5)  # 16500 x 1024 floats = 67.6 MB > 64 MB
+    x = torch.randn(20, 1024)
+    assert_linear_close(torch.ops.nudgefast.block_linear(x, w.codes, w.scale, w.offset, 4, 32), x, w)
 
 
 @native
@@ -265,6 +276,27 @@ def test_gguf_weights_bad_requests_are_explained(gguf_pair, tmp_path):
     with pytest.raises(ConfigError, match="gone or has changed"):
         nf.NudgingEngine(moved, weights="gguf")
     assert nf.NudgingEngine(plain, weights="dense").base is not None  # dense still loads
+
+
+def test_command_picks_gguf_weights_where_every_model_allows_it(gguf_pair, tmp_path, monkeypatch):
+    from nudgefast import cli
+
+    base, nudger = gguf_pair
+    plain = tmp_path / "plain"  # not converted from GGUF: no marker
+    plain.mkdir()
+    assert cli.gguf_weights_possible("cpu", None, gguf_pair) == native_ops_available()
+    assert cli.gguf_weights_possible("cpu", "float32", gguf_pair) == native_ops_available()
+    assert not cli.gguf_weights_possible("cuda", None, gguf_pair)
+    assert not cli.gguf_weights_possible("cpu", "bfloat16", gguf_pair)
+    assert not cli.gguf_weights_possible("cpu", None, [base, plain])
+    made = []
+    monkeypatch.setattr(nf, "NudgingEngine", lambda **kw: made.append(kw))
+    for flag, want in (("auto", "gguf" if native_ops_available() else "dense"), ("dense", "dense"), ("gguf", "gguf")):
+        parser = argparse.ArgumentParser()
+        cli._add_generate_args(parser)
+        args = parser.parse_args(["--base", str(base), "--nudger", str(nudger), "--weights", flag])
+        cli._make_engine(args, base, nudger)
+        assert made[-1]["weights"] == want, flag
 
 
 @pytest.mark.slow

@@ -25,7 +25,9 @@ def engine():
     from nudgefast.packaged import demo_pair
 
     base, nudger = demo_pair()
-    return nf.NudgingEngine(base=base, nudger=nudger, kv_cache_tokens=1024)
+    # the weights the command picks by default (--weights auto): the GGUF blocks on the CPU
+    weights = "gguf" if cli.gguf_weights_possible("cpu", None, [base, nudger]) else "dense"
+    return nf.NudgingEngine(base=base, nudger=nudger, kv_cache_tokens=1024, weights=weights)
 
 
 @pytest.fixture(scope="module")

@@ -570,3 +570,37 @@ def test_nudge_step_rejects_bad_input():
     args[12] = cursors[0].input_ids  # a cursor must come whole
     with pytest.raises(ValueError, match="cursor needs all"):
         OPS.nudge_step(*args)
+
+
+# ----------------------------------------------------------------------------------------------
+# rms_norm: x / sqrt(mean(x^2) + eps) * w over the last dimension, float32; equals F.rms_norm up to
+# float32 summation order: |error| <= 2e-6 * max|y| (a few ulps).
+# ----------------------------------------------------------------------------------------------
+
+# (shape, weight?, contiguous?): decode rows, per-head q/k norms (a strided view), odd widths below
+# and across one 8-float vector, a prefill chunk
+RMS_CASES = [((1, 576), True, True), ((3, 9, 64), True, False), ((5, 7), True, True), ((4, 13), False, True),
+             ((130, 640), True, True), ((2, 3, 256), False, False)]
+
+
+@pytest.mark.parametrize("shape, with_weight, contiguous", RMS_CASES)
+def test_rms_norm_equals_torch(shape, with_weight, contiguous):
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(*shape[:-1], 2 * shape[-1], generator=gen) * 3
+    x = x[..., ::2] if not contiguous else x[..., :shape[-1]].contiguous()
+    w = torch.randn(shape[-1], generator=gen) if with_weight else None
+    got = OPS.rms_norm(x, w, 1e-6)
+    want = torch.nn.functional.rms_norm(x, (shape[-1],), w, 1e-6)
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= 2e-6 * want.abs().max()
+    assert torch.equal(Backend("native").rms_norm(x, w, 1e-6), got)
+
+
+def test_rms_norm_rejects_bad_inputs():
+    with pytest.raises(TypeError, match="float32"):
+        OPS.rms_norm(torch.randn(2, 8, dtype=torch.bfloat16), None, 1e-6)
+    with pytest.raises(TypeError, match="weight must be float32"):
+        OPS.rms_norm(torch.randn(2, 8), torch.randn(7), 1e-6)
+    # other dtypes go to torch's rms_norm through the backend
+    x = torch.randn(2, 8, dtype=torch.bfloat16)
+    assert torch.equal(Backend("native").rms_norm(x, None, 1e-6), torch.nn.functional.rms_norm(x, (8,), None, 1e-6))

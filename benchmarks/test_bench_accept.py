@@ -1,0 +1,73 @@
+"""Speculative accept timings (pytest-benchmark): the torch reference vs the Triton kernel.
+
+    .venv/bin/pytest benchmarks/test_bench_accept.py --benchmark-group-by=group
+
+One speculative round's accept step for the whole batch (kernels/spec_accept.py): the rule replayed
+at K + 1 verified positions, the emitted tokens, the counters and both cursors. K = 4; vocabularies
+49152 (SmolLM2) and 262144 (gemma-3); batch 1 and 8; greedy and temperature 0.7. The draft is the
+base model's own greedy choice at each position, so every round walks all K + 1 positions (the
+longest path). CPU: the reference (the CPU engine's accept). CUDA (skipped without it): the reference
+on the GPU and the Triton kernel, bf16 logits. Every timed call first resets the state it advances
+(a few tiny ops, the same for every implementation).
+"""
+import pytest
+import torch
+
+from nudgefast.kernels.nudge_gate import GATE_TOP_PROB, MODE_NUDGING, GateParams
+from nudgefast.kernels.spec_accept import SpecStats, spec_accept, spec_accept_ref
+from test_bench_gate import _inputs, _lm_like
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+VOCABS = (49_152, 262_144)
+BATCHES = (1, 8)
+SAMPLING = {"greedy": (0.0, 1.0), "temp": (0.7, 1.0)}
+K = 4
+
+
+def _run(benchmark, accept, batch, vocab, sampling, dtype, device):
+    temperature, top_p = SAMPLING[sampling]
+    _, _, state, base, nudger = _inputs(batch, vocab, dtype, device)
+    gen = torch.Generator().manual_seed(vocab + batch)
+    verify = torch.stack([_lm_like(batch, vocab, gen) for _ in range(K + 1)], dim=1).to(dtype).to(device)
+    draft = verify[:, :K].float().argmax(-1).to(torch.int64)
+    params = GateParams(MODE_NUDGING, GATE_TOP_PROB, 0.4, True, temperature, top_p, 64)
+    stats = SpecStats.zeros(batch, device)
+    snapshot = {name: getattr(state, name).clone() for name in ("word_state", "span", "finished", "n_out", "n_nudged")}
+    cursors = [(c, {f: getattr(c, f).clone() for f in ("input_ids", "positions", "seq_lens", "slot_mapping")})
+               for c in (base, nudger)]
+
+    def once():
+        for name, value in snapshot.items():
+            getattr(state, name).copy_(value)
+        for cursor, fields in cursors:
+            for f, value in fields.items():
+                getattr(cursor, f).copy_(value)
+        accept(verify, draft, state, params, base, nudger, stats)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    once()  # compile (Triton) / warm up outside the timing
+    benchmark(once)
+
+
+CASES = [(v, b, s) for v in VOCABS for b in BATCHES for s in SAMPLING]
+
+
+@pytest.mark.benchmark(group="spec_accept")
+@pytest.mark.parametrize("vocab,batch,sampling", CASES)
+def test_accept_ref_cpu(benchmark, vocab, batch, sampling):
+    _run(benchmark, spec_accept_ref, batch, vocab, sampling, torch.float32, "cpu")
+
+
+@needs_cuda
+@pytest.mark.benchmark(group="spec_accept")
+@pytest.mark.parametrize("vocab,batch,sampling", CASES)
+def test_accept_ref_cuda(benchmark, vocab, batch, sampling):
+    _run(benchmark, spec_accept_ref, batch, vocab, sampling, torch.bfloat16, "cuda")
+
+
+@needs_cuda
+@pytest.mark.benchmark(group="spec_accept")
+@pytest.mark.parametrize("vocab,batch,sampling", CASES)
+def test_accept_triton_cuda(benchmark, vocab, batch, sampling):
+    _run(benchmark, spec_accept, batch, vocab, sampling, torch.bfloat16, "cuda")
