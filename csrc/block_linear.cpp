@@ -7,8 +7,9 @@
 // bits per weight where the dequantized copy is 32. The codes are widened to floats in registers
 // and never stored; a block contributes scale * sum(code * x) + offset * sum(x), with sum(x) per
 // block computed once per chunk of rows. Up to 8 rows of x share one decode of each weight block
-// (speculative verification, batched decode); longer inputs (prefill) take 8 rows per pass over a
-// weight row that is still in L1. Output rows are split across the CPU threads.
+// (speculative verification, batched decode), and up to 16 rows take two passes over a weight row
+// still in L1; more rows (prefill) dequantize slabs of W and multiply with the BLAS, where the
+// decode is cheap next to the multiply. Output rows are split across the CPU threads.
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -27,8 +28,8 @@ namespace {
 using simd::f32x8;
 typedef uint8_t u8x8 __attribute__((vector_size(8)));
 
-// 8 bytes -> 8 floats. Both go through a zero extension (vpmovzxbd); GCC scalarizes the signed
-// extension and byte shuffles of vector extensions, so int8 is recovered as (u ^ 128) - 128.
+// The portable kernel's widening, 8 bytes -> 8 floats. Both go through a zero extension: GCC
+// scalarizes the signed extension of vector extensions, so int8 is recovered as (u ^ 128) - 128.
 NF_INLINE f32x8 widen_u8(u8x8 v) {
   return __builtin_convertvector(__builtin_convertvector(v, simd::i32x8), f32x8);
 }
