@@ -25,7 +25,7 @@ run. Speed-ups compare nudgefast with a transformers anchor on the same weights,
 configuration, after checking that both wrote the same tokens ("same tokens"). On CPUs shared with
 other jobs, wall-clock rates depend on how the scheduler shares the cores; "speed-up (CPU time)"
 compares tokens per second of process CPU time (single-threaded runs), which does not. "Random weights"
-rows use planted random weights at the real shapes (see nudgefast/bench.py): they measure speed,
+rows use planted random weights at the real shapes (see nudgefast/bench/presets.py): they measure speed,
 never quality. "nudgefast weights": "dense" reads the float32 (or bf16) tensors, "GGUF blocks"
 (`--weights gguf`, CPU) reads the quantized blocks of the GGUF file the model was converted from:
 the same weight values in fewer bytes; the transformers anchors always run the dense float32

@@ -197,7 +197,7 @@ def main(argv=None) -> int:
     c.add_argument("gguf")
     c.add_argument("out")
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    b = sub.add_parser("bench", help="benchmark scenarios (see nudgefast/bench.py)")
+    b = sub.add_parser("bench", help="benchmark scenarios (see nudgefast/bench/)")
     b.add_argument("rest", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     if args.cmd == "generate":

@@ -10,6 +10,7 @@ import torch
 
 import nudgefast as nf
 from nudgefast import bench
+from nudgefast.config import spec_from_config
 from tiny_models import make_tiny, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,7 +187,7 @@ def test_bad_arguments_are_refused():
     with pytest.raises(SystemExit):
         bench.parse_args(["--preset", "olmo2-tiny+tiny", "--mode", "sideways"])
     with pytest.raises(ValueError, match="untied"):
-        spec = bench.spec_from_config(dict(bench.SHAPES["llama-tiny"], tie_word_embeddings=True))
+        spec = spec_from_config(dict(bench.SHAPES["llama-tiny"], tie_word_embeddings=True))
         bench.planted_weights(spec, 0, "cpu", torch.float32, torch.arange(spec.vocab_size))
 
 

@@ -11,7 +11,7 @@ Written from their public descriptions (DESIGN.md, issue 6), not copied from any
 
 Every anchor is greedy, batch 1, and returns an AnchorResult: the tokens with their provenance, the
 finish reason, how many host reads the loop made (counted in the code, None where the library does
-them internally) and a timestamp per emitted token. nudgefast/bench.py checks each anchor's tokens
+them internally) and a timestamp per emitted token. nudgefast/bench/ checks each anchor's tokens
 against nudgefast's for the same configuration before timing it.
 """
 from .common import AnchorResult

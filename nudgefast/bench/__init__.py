@@ -1,0 +1,40 @@
+"""`nudgefast bench`: decode benchmarks of nudgefast against the transformers anchors.
+
+    nudgefast bench --packaged smollm2-135m-instruct --mode base_only,nudging --granularity token,word \
+        --anchors --prompt-len 128 --new-tokens 128 --repeats 5 --out benchmarks/results/cpu-x.json
+    nudgefast bench --suite gpu-olmo2 --out benchmarks/results/h100-olmo2.json --plot h100-olmo2.png
+
+A *case* is one configuration (mode, granularity, speculate K, batch, prompt and output lengths,
+dtype). Each case runs nudgefast and, at batch 1 with --anchors, the transformers anchors of
+benchmarks/anchors/ on the same weights and prompts. Every anchor's tokens are checked against
+nudgefast's before it is timed. Runs are interleaved (ours, anchor, ours, anchor, ...) so a busy
+machine slows both alike; figures are medians over the repeats.
+
+Models: real directories (--base/--nudger, or --packaged NAME for one packaged model as both base
+and nudger), or a shape preset with random weights built on the device (--preset, e.g.
+olmo2-7b+1b): nothing is written to disk. The random weights are "planted": Gaussian layers whose
+residual contribution is small, and an output head that maps each token to a fixed next token with
+a per-token margin, so greedy outputs are stable across implementations in bf16 (the anchor check
+can pass) and the base model is confident on a chosen fraction of tokens (the gate mixes sources).
+The memory traffic per step, which is what decode speed depends on, is that of the real shapes.
+
+Per case: tokens/s (aggregate and per sequence), ms/token p50/p90/p99, time to first token, host
+synchronizations per token, nudged fraction, speculative acceptance, bytes read per step and,
+against the measured copy bandwidth, the memory-bandwidth bound and the fraction of it reached.
+
+Files: presets.py (shape presets, planted weights, engines), runners.py (prompts, step clock,
+nudgefast and anchor runners), cases.py (one case end to end, bytes per step), report.py (git,
+device, table, plot), cli.py (suites, options, the JSON result).
+"""
+from .cases import Case, bytes_per_step, case_runners, measure_copy_bandwidth, run_case, weight_bytes
+from .cli import DTYPES, SCHEMA, SUITES, build_models, main, parse_args
+from .presets import (PRESETS, SHAPES, Models, SyntheticTokenizer, dir_models, engine_from_models, planted_next_map,
+                      planted_weights, preset_models)
+from .report import device_info, format_table, git_info, write_plot
+from .runners import AnchorRunner, NudgefastRunner, RunRecord, compare_outputs, load_anchors, make_prompts
+
+__all__ = ["AnchorRunner", "Case", "DTYPES", "Models", "NudgefastRunner", "PRESETS", "RunRecord", "SCHEMA", "SHAPES",
+           "SUITES", "SyntheticTokenizer", "build_models", "bytes_per_step", "case_runners", "compare_outputs",
+           "device_info", "dir_models", "engine_from_models", "format_table", "git_info", "load_anchors", "main",
+           "make_prompts", "measure_copy_bandwidth", "parse_args", "planted_next_map", "planted_weights",
+           "preset_models", "run_case", "weight_bytes", "write_plot"]

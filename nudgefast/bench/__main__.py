@@ -1,0 +1,6 @@
+"""`python -m nudgefast.bench ...` is `nudgefast bench ...`."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,208 @@
+"""`nudgefast bench` command line: named suites, options, model building and the JSON result."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .cases import Case, measure_copy_bandwidth, run_case
+from .presets import PRESETS, Models, dir_models, preset_models
+from .report import ENV_KEYS, device_info, format_table, git_info, write_plot
+
+SCHEMA = "nudgefast-bench/1"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# ---- named suites (the scenario sets of issue 6 and issues 2/3) ----------------------------------
+SUITES = {
+    "gpu-olmo2": dict(preset="olmo2-7b+1b", device="cuda", dtype="bfloat16", prompt_len=128, new_tokens=256,
+                      batch=[1, 8, 32], anchors=True,
+                      cases=[("base_only", "word", 0), ("nudging", "token", 0), ("nudging", "word", 0),
+                             ("nudging", "word", 4)]),
+    "gpu-llama2": dict(preset="llama2-13b+7b", device="cuda", dtype="bfloat16", prompt_len=128, new_tokens=256,
+                       batch=[1, 8, 32], anchors=False,
+                       cases=[("base_only", "word", 0), ("nudging", "token", 0), ("nudging", "word", 0),
+                              ("nudging", "word", 4)]),
+    "cpu-smollm2": dict(packaged="smollm2-135m-instruct", device="cpu", dtype="float32", prompt_len=128,
+                        new_tokens=128, batch=[1], anchors=True,
+                        cases=[("base_only", "word", 0), ("nudging", "token", 0), ("nudging", "word", 0),
+                               ("nudging", "word", 4)]),
+}
+
+
+# ---- CLI -----------------------------------------------------------------------------------------
+def _csv(kind):
+    return lambda s: [kind(x) for x in s.split(",") if x]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="nudgefast bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_argument_group("models (one of)")
+    src.add_argument("--suite", choices=sorted(SUITES), help="a named scenario set (sets the options below)")
+    src.add_argument("--preset", help=f"random planted weights at real shapes: {', '.join(sorted(PRESETS))}")
+    src.add_argument("--base", help="base model directory")
+    src.add_argument("--nudger", help="nudger model directory")
+    src.add_argument("--packaged", help="a packaged model used as both base (plain prompt) and nudger (chat prompt)")
+    src.add_argument("--demo-pair", action="store_true", help="the offline cross-family pair: gemma-3-270m base, "
+                     "SmolLM2-135M-Instruct nudger (nudging runs on text: word granularity, no speculation)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES))
+    p.add_argument("--mode", type=_csv(str), default=None, help="comma list of base_only, nudger_only, nudging")
+    p.add_argument("--granularity", type=_csv(str), default=["word"], help="comma list of token, word")
+    p.add_argument("--speculate", type=_csv(int), default=[0], help="comma list of K (0 = none); nudging only")
+    p.add_argument("--batch", type=_csv(int), default=None)
+    p.add_argument("--prompt-len", type=int, default=None)
+    p.add_argument("--new-tokens", type=int, default=None)
+    p.add_argument("--gate", default="top_prob", choices=["top_prob", "entropy"])
+    p.add_argument("--threshold", type=float, default=0.4)
+    p.add_argument("--stop-at-eos", action="store_true", help="stop at EOS (default: always new-tokens tokens)")
+    p.add_argument("--anchors", action="store_true", default=None, help="run the transformers anchors at batch 1")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--native", choices=["auto", "on", "off"], default="auto", help="the C++ CPU ops")
+    p.add_argument("--weights", choices=["dense", "gguf"], default="dense",
+                   help="gguf: CPU linears read the quantized blocks of the models' GGUF files (the anchors "
+                        "always run transformers on the dense float32 conversion)")
+    p.add_argument("--flag-interval", type=int, default=16)
+    p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--no-bandwidth", action="store_true", help="skip the copy-bandwidth measurement")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the JSON result here")
+    p.add_argument("--plot", help="write a PNG plot here (needs matplotlib)")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    suite = SUITES.get(args.suite, {})
+    for key in ("preset", "packaged", "device", "dtype", "batch", "prompt_len", "new_tokens", "anchors"):
+        if getattr(args, key) is None and key in suite:
+            setattr(args, key, suite[key])
+    args.device = args.device or "cpu"
+    args.batch = args.batch or [1]
+    args.prompt_len = args.prompt_len or 128
+    args.new_tokens = args.new_tokens or 128
+    args.anchors = bool(args.anchors)
+    sources = [bool(args.preset), bool(args.base or args.nudger), bool(args.packaged), args.demo_pair]
+    if sum(sources) != 1:
+        p.error("give exactly one model source: --suite, --preset, --base/--nudger, --packaged or --demo-pair")
+    if args.preset and args.preset not in PRESETS:
+        p.error(f"unknown preset {args.preset!r}; choose one of {', '.join(sorted(PRESETS))}")
+    if args.suite:
+        args.cases = [Case(m, g, k, b, args.prompt_len, args.new_tokens)
+                      for b in args.batch for (m, g, k) in suite["cases"]]
+    else:
+        modes = args.mode or ["base_only", "nudging"]
+        bad = [m for m in modes if m not in ("base_only", "nudger_only", "nudging")]
+        if bad:
+            p.error(f"unknown mode(s) {bad}")
+        if any(g not in ("token", "word") for g in args.granularity):
+            p.error(f"granularity must be token or word, got {args.granularity}")
+        cases = []
+        for b in args.batch:
+            for m in modes:
+                combos = [(g, k) for g in args.granularity for k in args.speculate] if m == "nudging" else [("word", 0)]
+                cases += [Case(m, g, k, b, args.prompt_len, args.new_tokens) for g, k in combos]
+        args.cases = list(dict.fromkeys(cases))
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    if args.weights == "gguf" and args.preset:
+        p.error("--weights gguf needs models converted from GGUF files, not a random-weight preset")
+    return args
+
+
+def build_models(args) -> Models:
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    # per row: prompt, output, speculation slack and (real tokenizers: the cross-vocabulary path may
+    # run) re-tokenization slack
+    def slack(c):
+        return max(c.speculate + 2, 16) if args.preset else max(c.speculate + 2, 16, c.new_tokens // 2)
+    need = max(c.batch * (c.prompt_len + c.new_tokens + slack(c)) for c in args.cases)
+    kw = dict(native={"auto": None, "on": True, "off": False}[args.native], flag_interval=args.flag_interval,
+              cuda_graphs=not args.no_cuda_graphs)
+    kv_tokens = need + 128 * max(c.batch for c in args.cases)  # page rounding, chat-template overhead
+    if args.preset:
+        return preset_models(args.preset, args.device, dtype or torch.bfloat16, kv_tokens, args.seed, **kw)
+    kw["weights"] = args.weights
+    if args.packaged:
+        from ..packaged import packaged_model_dir
+
+        d = packaged_model_dir(args.packaged)
+        models = dir_models(d, d, args.device, dtype, kv_tokens, **kw)
+        models.description["note"] = (f"{args.packaged} serves as both base (plain-text prompt) and nudger (chat "
+                                      "prompt): a shared-vocabulary pair from one offline model")
+        return models
+    if args.demo_pair:
+        from ..packaged import demo_pair
+
+        base_dir, nudger_dir = demo_pair()
+        models = dir_models(base_dir, nudger_dir, args.device, dtype, kv_tokens, **kw)
+        models.description["note"] = "cross-family pair: gemma-3-270m base, SmolLM2-135M-Instruct nudger"
+        return models
+    return dir_models(args.base, args.nudger, args.device, dtype, kv_tokens, **kw)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # `nudgefast bench -- --preset ...` (cli.py hands over everything after "bench")
+        argv = argv[1:]
+    args = parse_args(argv)
+    log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args, argv, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args, argv, log) -> int:
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("nudgefast bench: --device cuda but no CUDA device is available")
+    t_start = time.perf_counter()
+    git_start = git_info()  # the code that runs is the code at the start
+    models = build_models(args)
+    args.dtype = args.dtype or str((models.engine.base or models.engine.nudger).model.dtype).replace("torch.", "")
+    bandwidth = None if args.no_bandwidth else measure_copy_bandwidth(args.device)
+    if bandwidth:
+        log(f"copy bandwidth on {args.device}: {bandwidth:.1f} GB/s (read + write)")
+    scenarios = []
+    for case in args.cases:
+        log(f"case {case.label}: prompt {case.prompt_len}, {case.new_tokens} new tokens")
+        scenarios += run_case(models, case, args, bandwidth, log)
+    result = {
+        "schema": SCHEMA,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(f"{k}={shlex.quote(os.environ[k])}" for k in ENV_KEYS if k in os.environ)
+                   + (" " if any(k in os.environ for k in ENV_KEYS) else "") + "nudgefast bench " + shlex.join(argv),
+        "git": git_start, "device": device_info(args.device), "random_weights": models.random_weights,
+        "models": models.description, "copy_bandwidth_gbps": bandwidth,
+        "bandwidth_note": "device-to-device copy, bytes read + written over time; bounds are bytes read per "
+                          "step (weights of the models in play + KV cache at the mean context) over it",
+        "wall_seconds": time.perf_counter() - t_start, "scenarios": scenarios,
+    }
+    git_end = git_info()
+    if git_end != git_start:  # someone committed or edited during the run: say so
+        result["git_at_end"] = git_end
+    print(format_table(scenarios))
+    if args.plot:
+        written = write_plot(result, Path(args.plot))
+        log(f"plot written to {args.plot}" if written else "plot skipped: matplotlib is not installed")
+    for s in scenarios:
+        for key in [k for k in s if k.startswith("_")]:
+            del s[key]
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        log(f"results written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

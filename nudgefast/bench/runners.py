@@ -1,0 +1,311 @@
+"""Prompts, the step clock and the runners of `nudgefast bench`: nudgefast and the transformers
+anchors, each returning one RunRecord per run."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+
+from ..api import NudgeConfig, NudgingEngine
+from ..model import Transformer
+from .presets import Models, SyntheticTokenizer
+from .report import REPO_ROOT
+
+
+# ---- Prompts -------------------------------------------------------------------------------------
+PASSAGE = (
+    "Studying well is less about the number of hours spent at a desk than about how those hours are used. "
+    "Attention drifts after a while, so short sessions with a clear goal tend to beat long sessions without one. "
+    "A quiet place, a phone left in another room and a written list of what to finish all help. Testing yourself "
+    "on the material, rather than rereading it, shows what you actually remember and what you only recognise. "
+    "Sleep matters as well: memories are consolidated at night, and a tired mind learns slowly the next day. "
+    "Regular breaks, a glass of water and a short walk restore focus more than a cup of coffee does. Spacing the "
+    "review of a topic over several days works better than cramming it into one evening, because each return to "
+    "the material strengthens it. Explaining an idea to a friend, or to an empty chair, reveals the gaps in it. "
+)
+QUESTIONS = ["What are three tips for staying focused while studying?", "Why does sleep help learning?",
+             "How should I plan a week of revision?", "What is the benefit of testing yourself?"]
+SYSTEM = "Answer the question helpfully and concisely."
+
+
+def make_prompts(models: Models, batch: int, prompt_len: int, seed: int) -> tuple[list[list[int]], list[list[int]]]:
+    """(base_prompts, nudger_prompts), one row per sequence. With real tokenizers: the base prompt
+    is exactly prompt_len tokens (the head of a passage, then a question, as plain text); the
+    nudger gets the same passage and question in its chat template. Without: random token ids."""
+    engine = models.engine
+    sides = [s for s in (engine.base, engine.nudger) if s is not None]
+    tok = sides[0].tokenizer
+    if tok is None or isinstance(tok, SyntheticTokenizer):
+        gen = torch.Generator().manual_seed(seed)
+        vocab = min(s.spec.vocab_size for s in sides)
+        rows = [torch.randint(0, vocab, (prompt_len,), generator=gen).tolist() for _ in range(batch)]
+        return rows, [list(r) for r in rows]
+    base_rows, nudger_rows = [], []
+    passage = tok.encode(PASSAGE * (1 + prompt_len // 100), add_special_tokens=False)
+    specials = tok.encode("", add_special_tokens=True)  # the BOS the base tokenizer adds, if any
+    for r in range(batch):
+        question = QUESTIONS[r % len(QUESTIONS)]
+        tail = tok.encode(f"\n{question}\n", add_special_tokens=False)
+        if len(tail) > prompt_len // 2:  # a very short prompt (or a tiny tokenizer): the passage alone
+            question, tail = "", []
+        keep = prompt_len - len(tail) - len(specials)
+        head = passage[r:r + keep]  # rows start at different offsets so no two rows are identical
+        base_rows.append(specials + head + tail)
+        ntok = (engine.nudger or engine.base).tokenizer
+        context = tok.decode(head)
+        nudger_rows.append(ntok.encode(ntok.render_chat(SYSTEM, f"{context}\n\n{question}".strip(), "")
+                                       if ntok.chat_template else f"{context}\n{question}\n",
+                                       add_special_tokens=not ntok.chat_template))
+    return base_rows, nudger_rows
+
+
+# ---- Timing: a clock on the decode loop that adds no host synchronization ------------------------
+class StepClock:
+    """Timestamps of the decode loop's steps without extra host syncs: on the CPU perf_counter() at
+    the end of each gate step, driver-model forward and CUDA-graph replay; on CUDA an event recorded
+    on the stream at the same points (a few microseconds each), read after the run. Installed by
+    patching, for one run: decode.gate_fn, the driver model's forward (instance attribute) and
+    torch.cuda.CUDAGraph.replay. A step hook in decode.py would replace the patching."""
+
+    def __init__(self, engine: NudgingEngine):
+        self.engine = engine
+        self.cuda = engine.device.type == "cuda"
+        self.marks = {"gate": [], "forward": [], "replay": []}
+        self._start = None
+
+    def _mark(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def _wrap(self, fn, kind):
+        def wrapped(*a, **k):
+            out = fn(*a, **k)
+            if not (self.cuda and torch.cuda.is_current_stream_capturing()):  # never inside a graph capture
+                self.marks[kind].append(self._mark())
+            return out
+        return wrapped
+
+    @contextlib.contextmanager
+    def installed(self, driver: Transformer):
+        from .. import decode
+
+        saved_gate_fn = decode.gate_fn
+        decode.gate_fn = lambda engine: self._wrap(saved_gate_fn(engine), "gate")
+        driver.forward = self._wrap(Transformer.forward.__get__(driver), "forward")
+        saved_replay = torch.cuda.CUDAGraph.replay if self.cuda else None
+        if self.cuda:
+            torch.cuda.CUDAGraph.replay = self._wrap(saved_replay, "replay")
+        self._start = self._mark()
+        try:
+            yield self
+        finally:
+            decode.gate_fn = saved_gate_fn
+            del driver.forward
+            if self.cuda:
+                torch.cuda.CUDAGraph.replay = saved_replay
+
+    def seconds(self, kind) -> list[float]:
+        """Seconds since the start of the run, for each mark of `kind`."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [self._start.elapsed_time(e) / 1e3 for e in self.marks[kind]]
+        return [t - self._start for t in self.marks[kind]]
+
+
+def percentiles(samples: list[float]) -> dict:
+    if not samples:
+        return {"p50": None, "p90": None, "p99": None, "n": 0}
+    s = sorted(samples)
+
+    def q(p):
+        k = (len(s) - 1) * p
+        lo, hi = math.floor(k), math.ceil(k)
+        return s[lo] + (s[hi] - s[lo]) * (k - lo)
+    return {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "n": len(s)}
+
+
+@contextlib.contextmanager
+def count_cuda_syncs(enabled: bool):
+    """Counts the host synchronizations torch reports in sync-debug mode (CUDA only)."""
+    box = {"count": None}
+    if not enabled:
+        yield box
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield box
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    box["count"] = sum("synchroniz" in str(w.message) for w in caught)
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---- Runners: nudgefast and the anchors, each returning one RunRecord per run --------------------
+@dataclasses.dataclass
+class RunRecord:
+    seconds: float
+    token_ids: list[list[int]]
+    from_nudger: list[list[bool]]
+    finish: list[str]
+    host_reads: float | None = None          # per emitted token of one sequence
+    ttft: float | None = None
+    latencies: list[float] | None = None     # seconds per token
+    latency_source: str | None = None
+    stats: list[dict] | None = None
+    row_tokens: list[int] | None = None      # emitted tokens per row where they differ from token_ids
+    cpu_seconds: float | None = None         # process CPU time of the run (CPU devices)
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.row_tokens) if self.row_tokens is not None else sum(len(t) for t in self.token_ids)
+
+
+class NudgefastRunner:
+    name = "nudgefast"
+
+    def __init__(self, models: Models, config: NudgeConfig, base_prompts, nudger_prompts):
+        self.engine, self.config = models.engine, config
+        self.base_prompts = base_prompts if config.mode != "nudger_only" else None
+        self.nudger_prompts = nudger_prompts if config.mode != "base_only" else None
+        self.crossvocab = config.mode == "nudging" and not same_vocabulary(models.engine)
+        if self.crossvocab:
+            from .. import crossvocab
+
+            crossvocab.check_config(config)  # token granularity and speculation need one vocabulary
+            self._generate = lambda: crossvocab.generate_ids(self.engine, self.base_prompts, self.nudger_prompts, config)
+        else:
+            self._generate = lambda: self.engine.generate_ids(self.base_prompts, self.nudger_prompts, config)
+
+    def run(self, count_syncs: bool = False) -> RunRecord:
+        engine, cfg = self.engine, self.config
+        clock = StepClock(engine)
+        driver = (engine.nudger if cfg.mode == "nudger_only" else engine.base).model
+        _sync(engine.device)
+        with count_cuda_syncs(count_syncs) as syncs:
+            with clock.installed(driver):
+                c0, t0 = time.process_time(), time.perf_counter()
+                outs = self._generate()
+                _sync(engine.device)
+                seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+        rec = RunRecord(seconds, [o.token_ids for o in outs], [o.from_nudger for o in outs],
+                        [o.finish_reason for o in outs], stats=[o.stats for o in outs], cpu_seconds=cpu_seconds)
+        if self.crossvocab:  # max_new_tokens counts tokens emitted, each in its writer's vocabulary
+            rec.row_tokens = [o.stats["emitted_tokens"] for o in outs]
+        per_row = max(1, max(rec.row_tokens or [len(o.token_ids) for o in outs]))
+        if syncs["count"] is not None:
+            rec.host_reads = syncs["count"] / per_row
+        elif not self.crossvocab:
+            rec.host_reads = outs[0].stats.get("flag_reads", 0) / per_row
+        if self.crossvocab:
+            rec.latency_source = "unavailable (the cross-vocabulary path has no fixed decode step)"
+        else:
+            self._latencies(rec, clock, outs)
+        return rec
+
+    def _latencies(self, rec: RunRecord, clock: StepClock, outs) -> None:
+        gate = clock.seconds("gate")
+        if not gate:
+            rec.latency_source = "unavailable (no gate step observed)"
+            return
+        rec.ttft = gate[0]
+        replay = clock.seconds("replay")
+        if self.config.speculate:
+            rounds = replay or [t for t in clock.seconds("forward") if t > gate[0]]
+            periods = [b - a for a, b in zip([gate[0]] + rounds[:-1], rounds)]
+            per_round = statistics.mean(o.stats.get("tokens_per_round", 1.0) or 1.0 for o in outs)
+            rec.latencies = [p / per_round for p in periods]
+            rec.latency_source = "speculative round time / mean tokens per round"
+        else:
+            steps = replay or gate[1:]
+            rec.latencies = [b - a for a, b in zip([gate[0]] + steps[:-1], steps)]
+            rec.latency_source = "decode step period" + (" (CUDA graph replays)" if replay else "")
+
+
+class AnchorRunner:
+    """One transformers anchor, batch 1."""
+
+    def __init__(self, name: str, models: Models, config: NudgeConfig, base_prompts, nudger_prompts, stop_ids,
+                 word_start):
+        self.name, self.models, self.config = name, models, config
+        self.base_prompt, self.nudger_prompt = base_prompts[0], nudger_prompts[0]
+        self.stop_ids, self.word_start = set(stop_ids), word_start
+
+    def run(self, count_syncs: bool = False) -> RunRecord:
+        anchors = load_anchors()
+        hf, cfg = self.models.load_hf(), self.config
+        device = self.models.engine.device
+        _sync(device)
+        with count_cuda_syncs(count_syncs) as syncs:
+            c0, t0 = time.process_time(), time.perf_counter()
+            if self.name == "hf_generate":
+                side = "nudger" if cfg.mode == "nudger_only" else "base"
+                prompt = self.nudger_prompt if side == "nudger" else self.base_prompt
+                res = anchors.hf_generate(hf[side], prompt, cfg, self.stop_ids, from_nudger=side == "nudger")
+            else:
+                res = anchors.ANCHORS[self.name](hf["base"], hf["nudger"], self.base_prompt, self.nudger_prompt,
+                                                 cfg, self.stop_ids, self.word_start)
+            _sync(device)
+            seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+        rec = RunRecord(seconds, [res.token_ids], [res.from_nudger], [res.finish_reason], cpu_seconds=cpu_seconds)
+        n = max(1, len(res.token_ids))
+        rec.host_reads = syncs["count"] / n if syncs["count"] is not None else (
+            res.host_reads / n if res.host_reads is not None else None)
+        if res.token_times:
+            rec.ttft = res.token_times[0] - t0
+            rec.latencies = [b - a for a, b in zip(res.token_times, res.token_times[1:])]
+            rec.latency_source = "time between emitted tokens"
+        return rec
+
+
+def same_vocabulary(engine: NudgingEngine) -> bool:
+    """Both models read the same ids (else nudging runs on text: nudgefast/crossvocab.py)."""
+    b, n = engine.base, engine.nudger
+    if b is None or n is None or b.tokenizer is None or n.tokenizer is None:
+        return True
+    return b.tokenizer.same_vocabulary(n.tokenizer)
+
+
+def load_anchors():
+    """benchmarks.anchors from the source checkout (the anchors are not part of the installed package)."""
+    try:
+        import benchmarks.anchors as anchors
+    except ImportError:
+        if not (REPO_ROOT / "benchmarks" / "anchors" / "__init__.py").is_file():
+            raise ImportError("the transformers anchors live in the source checkout (benchmarks/anchors/); "
+                              "run nudgefast bench from an editable install of the repository") from None
+        sys.path.insert(0, str(REPO_ROOT))
+        import benchmarks.anchors as anchors
+    return anchors
+
+
+def anchors_for(config: NudgeConfig) -> list[str]:
+    if config.mode in ("base_only", "nudger_only"):
+        return ["hf_generate"]
+    return ["hf_nudging_token"] if config.granularity == "token" else ["hf_nudging_chunked"]
+
+
+def compare_outputs(ours: RunRecord, theirs: RunRecord) -> dict:
+    a, b = ours.token_ids[0], theirs.token_ids[0]
+    first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    if first is None and len(a) != len(b):
+        first = min(len(a), len(b))
+    flags_equal = ours.from_nudger[0] == theirs.from_nudger[0]
+    finish_equal = ours.finish[0] == theirs.finish[0]
+    return {"ran": True, "against": "nudgefast", "equal": first is None and flags_equal and finish_equal,
+            "tokens_compared": max(len(a), len(b)), "first_divergence": first, "provenance_equal": flags_equal,
+            "finish_reason_equal": finish_equal}
