@@ -135,13 +135,15 @@ NF_AVX2 void decode_avx2(const uint8_t* row, int64_t b, __m256* c) {
       c[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
     }
   } else {
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 16));
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    const __m128i lo = _mm_and_si128(v, mask), hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-    c[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-    c[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-    c[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-    c[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+    // Bytes 0-7 and 8-15 zero-extended to 32 bits (the loads fold into vpmovzxbd); then the
+    // nibbles are split in the 32-bit lanes: fewer shuffles than splitting the bytes first.
+    const __m256i first = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + b * 16)));
+    const __m256i second = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + b * 16 + 8)));
+    const __m256i mask = _mm256_set1_epi32(0x0F);
+    c[0] = _mm256_cvtepi32_ps(_mm256_and_si256(first, mask));
+    c[1] = _mm256_cvtepi32_ps(_mm256_and_si256(second, mask));
+    c[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(first, 4));
+    c[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(second, 4));
   }
 }
 
@@ -152,37 +154,59 @@ NF_AVX2 float hsum_avx2(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+NF_AVX2 float dot_avx2(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float sum = hsum_avx2(acc);
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// Block b's contribution scale * sum(code * x) into acc[m] for the MC rows of x at x.
 template <int BITS, int B, int MC>
-NF_AVX2 void row_dot_avx2(const Job& job, const float* xsum, int64_t n, int64_t m0) {
-  constexpr int V = B / 8;
-  const uint8_t* row = job.codes + n * job.row_bytes;
-  const float* scale = job.scale + n * job.blocks;
-  const float* offset = job.offset + n * job.blocks;
-  const float* x = job.x + m0 * job.K;
-  __m256 acc[MC];
-  float off[MC];
+NF_AVX2 void block_avx2(const Job& job, const uint8_t* row, const float* scale, const float* x, int64_t b,
+                        __m256* acc) {
+  __m256 c[B / 8];
+  decode_avx2<BITS, B>(row, b, c);
+  const __m256 s = _mm256_broadcast_ss(scale + b);
 #pragma GCC unroll 8
   for (int m = 0; m < MC; ++m) {
-    acc[m] = _mm256_setzero_ps();
-    off[m] = 0.f;
-  }
-  for (int64_t b = 0; b < job.blocks; ++b) {
-    __m256 c[V];
-    decode_avx2<BITS, B>(row, b, c);
-    const __m256 s = _mm256_broadcast_ss(scale + b);
-    const float o = offset[b];
-#pragma GCC unroll 8
-    for (int m = 0; m < MC; ++m) {
-      const float* xb = x + m * job.K + b * B;
-      __m256 p = _mm256_mul_ps(c[0], _mm256_loadu_ps(xb));
+    const float* xb = x + m * job.K + b * B;
+    __m256 p = _mm256_mul_ps(c[0], _mm256_loadu_ps(xb));
 #pragma GCC unroll 4
-      for (int j = 1; j < V; ++j) p = _mm256_fmadd_ps(c[j], _mm256_loadu_ps(xb + 8 * j), p);
-      acc[m] = _mm256_fmadd_ps(s, p, acc[m]);
-      off[m] += o * xsum[(m0 + m) * job.blocks + b];
-    }
+    for (int j = 1; j < B / 8; ++j) p = _mm256_fmadd_ps(c[j], _mm256_loadu_ps(xb + 8 * j), p);
+    acc[m] = _mm256_fmadd_ps(s, p, acc[m]);
   }
+}
+
+template <int BITS, int B, int MC>
+NF_AVX2 void row_dot_avx2(const Job& job, const float* xsum, int64_t n, int64_t m0) {
+  // A single row of x would make every block wait on the previous one's accumulate (FMA latency):
+  // it gets two accumulator chains, even and odd blocks.
+  constexpr int CHAINS = MC == 1 ? 2 : 1;
+  const uint8_t* row = job.codes + n * job.row_bytes;
+  const float* scale = job.scale + n * job.blocks;
+  const float* x = job.x + m0 * job.K;
+  __m256 acc[CHAINS][MC];
 #pragma GCC unroll 8
-  for (int m = 0; m < MC; ++m) job.y[(m0 + m) * job.N + n] = hsum_avx2(acc[m]) + off[m];
+  for (int m = 0; m < MC; ++m) {
+    for (int k = 0; k < CHAINS; ++k) acc[k][m] = _mm256_setzero_ps();
+  }
+  int64_t b = 0;
+  for (; b + CHAINS <= job.blocks; b += CHAINS) {
+#pragma GCC unroll 2
+    for (int k = 0; k < CHAINS; ++k) block_avx2<BITS, B, MC>(job, row, scale, x, b + k, acc[k]);
+  }
+  for (; b < job.blocks; ++b) block_avx2<BITS, B, MC>(job, row, scale, x, b, acc[0]);
+#pragma GCC unroll 8
+  for (int m = 0; m < MC; ++m) {
+    __m256 total = acc[0][m];
+    for (int k = 1; k < CHAINS; ++k) total = _mm256_add_ps(total, acc[k][m]);
+    // the offsets' part, sum over blocks of offset * sum(x), as one dot product per row of x
+    const float off = dot_avx2(job.offset + n * job.blocks, xsum + (m0 + m) * job.blocks, job.blocks);
+    job.y[(m0 + m) * job.N + n] = hsum_avx2(total) + off;
+  }
 }
 
 template <int BITS, int B>
