@@ -144,6 +144,10 @@ class NudgingEngine:
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.sync_debug = sync_debug  # tests: raise on any host sync between two flag reads (CUDA)
         self.weights = weights
+        if weights == "gguf" and self.backend.kind == "torch":
+            log.warning("nudgefast: weights='gguf' without the native ops dequantizes every weight at every step "
+                        "(correct but slow): build the extension (pip install --no-build-isolation -e .) or use "
+                        "weights='dense'")
         load = lambda name, d: LoadedModel(name, d, self.device, dtype, self.backend, kv_cache_tokens,  # noqa: E731
                                            page_size, weights)
         self.base = load("base", base) if base else None
