@@ -215,6 +215,24 @@ def from_ggml(type_name: str, raw: np.ndarray, shape: tuple[int, int]) -> BlockW
     return BlockWeight(codes, torch.from_numpy(scale.copy()), torch.from_numpy(offset.copy()), bits, block)
 
 
+def gguf_source(model_dir: Path) -> Path:
+    """The GGUF file `model_dir` was converted from (its conversion marker names it), checked to be
+    still there and the same size; ConfigError naming what is wrong otherwise."""
+    from .gguf import CONVERSION_MARKER
+
+    model_dir = Path(model_dir)
+    try:
+        marker = json.loads((model_dir / CONVERSION_MARKER).read_text())
+        source = Path(marker["source"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"weights='gguf' needs a model converted from a GGUF file; {model_dir} has no "
+                          f"readable {CONVERSION_MARKER} (use weights='dense')") from None
+    if not source.is_file() or source.stat().st_size != marker.get("source_size"):
+        raise ConfigError(f"{model_dir} was converted from {source}, which is gone or has changed; "
+                          f"weights='gguf' reads its blocks (reconvert, or use weights='dense')")
+    return source
+
+
 def read_block_weights(model_dir: Path) -> dict[str, BlockWeight]:
     """{HF tensor name: BlockWeight} for every quantized 2-D tensor of the GGUF file `model_dir` was
     converted from (named in its conversion marker), with the converter's row un-permutation applied."""
@@ -222,16 +240,7 @@ def read_block_weights(model_dir: Path) -> dict[str, BlockWeight]:
 
     from . import gguf
 
-    model_dir = Path(model_dir)
-    marker_path = model_dir / gguf.CONVERSION_MARKER
-    if not marker_path.is_file():
-        raise ConfigError(f"weights='gguf' needs a model converted from a GGUF file; {model_dir} has no "
-                          f"{gguf.CONVERSION_MARKER} (use weights='dense')")
-    marker = json.loads(marker_path.read_text())
-    source = Path(marker["source"])
-    if not source.is_file() or source.stat().st_size != marker.get("source_size"):
-        raise ConfigError(f"{model_dir} was converted from {source}, which is gone or has changed; "
-                          f"weights='gguf' reads its blocks (reconvert, or use weights='dense')")
+    source = gguf_source(model_dir)
     header = gguf.read_gguf_header(source)
     family = gguf.FAMILIES[header.architecture]
     config = family.config(header)
@@ -248,10 +257,9 @@ def read_block_weights(model_dir: Path) -> dict[str, BlockWeight]:
                     continue  # norms, float tensors: read dense from model.safetensors
                 start = header.data_offset + info.offset
                 w = from_ggml(type_name, file_map[start:start + info.nbytes], info.shape)
-                if family.permuted_qk and ".attn_q." in gguf_name:
-                    w = permute_rows(w, lambda t: gguf._unpermute_rows(t, config["num_attention_heads"]))
-                elif family.permuted_qk and ".attn_k." in gguf_name:
-                    w = permute_rows(w, lambda t: gguf._unpermute_rows(t, config["num_key_value_heads"]))
+                heads = gguf.unpermuted_heads(family, config, gguf_name)
+                if heads is not None:
+                    w = permute_rows(w, lambda t: gguf._unpermute_rows(t, heads))
                 out[hf_name] = w
             del file_map
         finally:

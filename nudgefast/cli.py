@@ -85,21 +85,17 @@ def _resolve_models(args):
 def gguf_weights_possible(device: str, dtype: str | None, dirs) -> bool:
     """Whether weights="gguf" applies: CPU, float32, the native ops built, and every model directory
     converted from a GGUF file that is still where it was."""
-    import json
-    from pathlib import Path
-
-    from .gguf import CONVERSION_MARKER
+    from .blocks import gguf_source
+    from .config import ConfigError
     from .ops import native_ops_available
 
     if device != "cpu" or dtype not in (None, "float32") or not native_ops_available():
         return False
-    for d in dirs:
-        try:
-            marker = json.loads((Path(d) / CONVERSION_MARKER).read_text())
-            if Path(marker["source"]).stat().st_size != marker.get("source_size"):
-                return False
-        except (OSError, ValueError, KeyError):
-            return False
+    try:
+        for d in dirs:
+            gguf_source(d)
+    except ConfigError:
+        return False
     return True
 
 

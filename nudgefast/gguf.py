@@ -435,12 +435,20 @@ def hf_tensor_names(header: GGUFHeader, config: dict) -> dict[str, str]:
     return names
 
 
+def unpermuted_heads(family: _Family, config: dict, gguf_name: str) -> int | None:
+    """The head count to un-permute a tensor's rows by (_unpermute_rows), or None when it is not permuted."""
+    if family.permuted_qk and ".attn_q." in gguf_name:
+        return config["num_attention_heads"]
+    if family.permuted_qk and ".attn_k." in gguf_name:
+        return config["num_key_value_heads"]
+    return None
+
+
 def _hf_tensor(header, family, config, gguf_name, file_map) -> torch.Tensor:
     weight = torch.from_numpy(_dequantize(header, header.tensors[gguf_name], file_map))
-    if family.permuted_qk and ".attn_q." in gguf_name:
-        weight = _unpermute_rows(weight, config["num_attention_heads"])
-    elif family.permuted_qk and ".attn_k." in gguf_name:
-        weight = _unpermute_rows(weight, config["num_key_value_heads"])
+    heads = unpermuted_heads(family, config, gguf_name)
+    if heads is not None:
+        weight = _unpermute_rows(weight, heads)
     elif family.norm_offset and gguf_name.endswith("norm.weight"):
         weight = weight - family.norm_offset
     return weight
