@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import nudgefast as nf
-from nudgefast.decode import row_seeds
+from nudgefast.engine.engine import row_seeds
 from nudgefast.reference import reference_generate
 from pairs import PROMPTS_BASE, PROMPTS_NUDGER, make_pair, threshold
 from tiny_models import FAMILIES, train_tokenizer
@@ -38,7 +38,7 @@ def run_reference(pair, config, base_prompts, nudger_prompts):
     family, engine, hf_base, hf_nudger, tok = pair
     stop_ids = {tok.token_to_id("<|im_end|>")} if config.stop_token_ids is None else set(config.stop_token_ids)
     table = engine.nudger.tokenizer.word_start_table(engine.nudger.spec.vocab_size)
-    seeds = row_seeds(config.seed, len(base_prompts)).tolist() if config.seed is not None else [0] * len(base_prompts)
+    seeds = row_seeds(config.seed, len(base_prompts)) if config.seed is not None else [0] * len(base_prompts)
     return [reference_generate(hf_logits_fn(hf_base), hf_logits_fn(hf_nudger), bp, np_, config, stop_ids,
                                lambda i: bool(table[i]), seed)
             for bp, np_, seed in zip(base_prompts, nudger_prompts, seeds)]
