@@ -30,7 +30,15 @@ def small_engine(family, root, tokenizer, kv_cache_tokens, max_running=8, **kw):
     return solo, busy, tok
 
 
-def random_request(rng: random.Random, family: str, tok, i: int):
+def frequent_tokens(engine, n: int = 6) -> list[int]:
+    """The tokens the pair writes most often: as extra stop ids they make "stop" endings common."""
+    from collections import Counter
+
+    outs = engine.generate_ids(PROMPTS_BASE, PROMPTS_NUDGER, nf.NudgeConfig(max_new_tokens=16, stop_token_ids=[]))
+    return [t for t, _ in Counter(t for o in outs for t in o.token_ids).most_common(n)]
+
+
+def random_request(rng: random.Random, family: str, tok, i: int, frequent=(17, 40, 41, 200, 9)):
     """A random config and prompt pair of the shared-vocabulary path."""
     gate = rng.choice(["top_prob", "entropy"])
     granularity = rng.choice(["token", "word"])
@@ -39,7 +47,7 @@ def random_request(rng: random.Random, family: str, tok, i: int):
     speculate = rng.choice([0, 0, 2, 4]) if mode == "nudging" else 0
     stop = None
     if rng.random() < 0.3:  # a frequent token as an extra stop id makes "stop" endings common
-        stop = [tok.token_to_id("<|im_end|>"), rng.choice([17, 40, 41, 200, 9])]
+        stop = [tok.token_to_id("<|im_end|>"), rng.choice(frequent)]
     cfg = nf.NudgeConfig(mode=mode, gate=gate, threshold=threshold(family, gate, granularity),
                          granularity=granularity, speculate=speculate, max_new_tokens=rng.randint(1, 64),
                          temperature=0.9 if sampled else 0.0, top_p=rng.choice([1.0, 0.8]) if sampled else 1.0,
@@ -83,7 +91,8 @@ def run_schedule(engine, requests, rng, abort_share=0.15):
 def test_random_schedule_equals_solo_runs(family, tmp_path, tokenizer):
     rng = random.Random(1234 + len(family))
     solo, busy, tok = small_engine(family, tmp_path, tokenizer, kv_cache_tokens=160)
-    requests = [random_request(rng, family, tok, i) for i in range(32)]
+    frequent = frequent_tokens(solo)
+    requests = [random_request(rng, family, tok, i, frequent) for i in range(32)]
     results = run_schedule(busy, requests, rng)
     counts = busy.counts()
     assert counts["preempted"] > 0, "the pool was large enough that nothing was preempted"
@@ -127,7 +136,7 @@ def test_bad_requests_raise_at_add_and_change_nothing(tmp_path, tokenizer):
         (dict(base_ids=[5]), ValueError, "nudger_ids"),
         (dict(prompt="hi", base_ids=[5], nudger_ids=[5]), ValueError, "not both"),
         (dict(base_ids=[5], nudger_ids=[5], config="greedy"), TypeError, "NudgeConfig"),
-        (dict(base_ids=[5], nudger_ids=[5], config=nf.NudgeConfig(max_new_tokens=250)), ValueError, "context"),
+        (dict(base_ids=[5], nudger_ids=[5], config=nf.NudgeConfig(max_new_tokens=256)), ValueError, "context"),
         (dict(base_ids=[5], nudger_ids=[5], config=nf.NudgeConfig(max_new_tokens=200)), ValueError, "whole pool"),
         (dict(base_ids=[5], nudger_ids=[5], config=nf.NudgeConfig(mode="base_only", speculate=2, max_new_tokens=4)),
          ValueError, "speculate"),

@@ -128,7 +128,10 @@ class RequestEngine:
             self.runner.add(ready, [self._row_init(r) for r in ready])
             for g in list(self.runner.groups.values()):
                 if len(g.batch):
-                    self.runner.run_round(g, self.runner.steps_per_round(g.K))
+                    # no more steps than the longest remaining answer needs (each step or round
+                    # emits at least one token per running row)
+                    left = max(r.config.max_new_tokens - len(r.tokens) for r in g.batch.requests)
+                    self.runner.run_round(g, max(1, min(self.runner.steps_per_round(g.K), left)))
                     for req in self.runner.collect(g):
                         self._retire(req, Status.FINISHED, req.finish_reason)
                     changed.extend(g.batch.requests)
