@@ -1,7 +1,8 @@
 """CUDA-graph capture of the decode step (base forward, nudger forward, gate) and of the
 speculative round (K nudger steps, one base verify, the accept kernel).
 
-A graph is captured per (batch-size bucket, gate parameters, models in play, output length) and
+A graph is captured per (batch-size bucket, compile-time gate parameters, models in play, state
+widths) -- never per threshold, temperature or length, which are per-row state tensors -- and
 replayed for every token (or round). It owns static copies of the per-row state and the cursors:
 a generation copies its state in after prefill, replays, and copies the state back out at the end.
 Rows past the real batch are padding: finished from the start, slots -1 (never stored), a dummy
@@ -16,7 +17,7 @@ import torch
 from .kernels.nudge_gate import FINISH_STOP, GateState, ModelCursor, nudge_step
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
-_SHARED = ("stop_ids", "word_start")  # per-generation tables, not per-row state
+_SHARED = ("word_start",)  # a shared table, not per-row state
 
 
 def bucket_for(n: int) -> int:
@@ -85,7 +86,7 @@ class _Captured:
     @staticmethod
     def _key(kind, rows, params, sides, state, *extra):
         return (kind, rows, params, tuple(s.name for s in sides), state.out_tokens.shape[1],
-                state.stop_ids.shape[0], state.word_start.shape[0], *extra)
+                state.stop_ids.shape[1], state.word_start.shape[0], *extra)
 
 
 class GraphStep(_Captured):

@@ -15,12 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels.nudge_gate import (FINISH_LENGTH, FINISH_STOP, GATE_ENTROPY, GATE_TOP_PROB, MODE_BASE_ONLY,
-                                 MODE_NUDGER_ONLY, MODE_NUDGING, STATE_NUDGE, GateParams, GateState, ModelCursor,
-                                 nudge_step, nudge_step_ref)
+from .kernels.nudge_gate import (FINISH_LENGTH, FINISH_STOP, GateParams, GateState, ModelCursor, gate_params_for,
+                                 gate_state_for, nudge_step, nudge_step_ref)
 from .kv_cache import AttentionMetadata, slots_for
-
-_MODE_CODES = {"nudging": MODE_NUDGING, "base_only": MODE_BASE_ONLY, "nudger_only": MODE_NUDGER_ONLY}
 
 
 @dataclass
@@ -34,11 +31,7 @@ class Side:
 
 
 def gate_params(config) -> GateParams:
-    return GateParams(mode=_MODE_CODES[config.mode],
-                      gate=GATE_TOP_PROB if config.gate == "top_prob" else GATE_ENTROPY,
-                      threshold=float(config.threshold), word_level=config.granularity == "word",
-                      temperature=float(config.temperature), top_p=float(config.top_p),
-                      max_new_tokens=int(config.max_new_tokens))
+    return gate_params_for(config)
 
 
 def resolve_stop_ids(engine, config, sides: list[Side]) -> list[int]:
@@ -161,19 +154,8 @@ def decode_forward(side: Side) -> torch.Tensor:
 
 
 def new_gate_state(n_rows: int, config, stop_ids: list[int], word_start: torch.Tensor, device) -> GateState:
-    i32 = dict(dtype=torch.int32, device=device)
-    return GateState(
-        seed=row_seeds(config.seed, n_rows).to(device),
-        word_state=torch.full((n_rows,), STATE_NUDGE, **i32),
-        span=torch.zeros(n_rows, **i32),
-        finished=torch.zeros(n_rows, **i32),
-        n_out=torch.zeros(n_rows, **i32),
-        n_nudged=torch.zeros(n_rows, **i32),
-        out_tokens=torch.zeros(n_rows, config.max_new_tokens, **i32),
-        out_from_nudger=torch.zeros(n_rows, config.max_new_tokens, dtype=torch.int8, device=device),
-        stop_ids=torch.tensor(stop_ids or [-1], dtype=torch.int64, device=device),
-        word_start=word_start.to(device),
-    )
+    """Every row with the generation's one config (the per-row parameter tensors all equal)."""
+    return gate_state_for(config, n_rows, stop_ids, word_start, row_seeds(config.seed, n_rows), device)
 
 
 def word_start_table(engine, sides: list[Side], config) -> torch.Tensor:
@@ -237,14 +219,15 @@ def run_steps(engine, sides: list[Side], state: GateState, params: GateParams) -
     logits = {s.name: prefill(s, engine.device) for s in sides}
     step(logits.get("base"), logits.get("nudger"), state, params, base and base.cursor, nudger and nudger.cursor)
     steps = 1
+    max_new = int(state.max_new.max())  # one host read before the loop: no row runs longer
     runner = None
     if engine.cuda_graphs:
         from .cuda_graphs import GraphStep
         runner = GraphStep.get(engine, sides, state, params)
     live = runner.state if runner is not None else state
     flag_reads = 0
-    while steps < params.max_new_tokens:
-        n = min(engine.flag_interval, params.max_new_tokens - steps)
+    while steps < max_new:
+        n = min(engine.flag_interval, max_new - steps)
         with no_host_sync(engine):
             for _ in range(n):
                 if runner is not None:

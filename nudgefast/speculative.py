@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from .kernels.nudge_gate import GateParams, GateState
-from .kernels.sample import sample, sample_ref
+from .kernels.nudge_gate import GateParams, GateState, candidate_ref
+from .kernels.sample import sample_rows
 from .kernels.spec_accept import SpecStats, spec_accept, spec_accept_ref
 from .kernels.rng import STREAM_NUDGER
 from .kv_cache import AttentionMetadata, slots_for
@@ -33,9 +33,17 @@ class SpeculativeRound:
         self.base, self.nudger = base_side, nudger_side
         self.state, self.params, self.K, self.stats = state, params, K, stats
         triton = engine.backend.kind == "triton"
-        self.sample = sample if triton else sample_ref
-        if engine.backend.kind == "native":
-            self.sample = torch.ops.nudgefast.sample
+        if triton:
+            self.sample = lambda logits, step, stream: sample_rows(logits, state.seed, step, stream, state.inv_temp,
+                                                                   state.top_p, state.sample_mode,
+                                                                   max_sample=params.max_sample)
+        elif engine.backend.kind == "native":
+            from .native import sample_rows_native
+            self.sample = lambda logits, step, stream: sample_rows_native(logits, state.seed, step, stream,
+                                                                          state.inv_temp, state.top_p,
+                                                                          state.sample_mode, params.max_sample)
+        else:
+            self.sample = lambda logits, step, stream: candidate_ref(logits, state, params, step, stream)
         self.accept = spec_accept if triton else spec_accept_ref
         B = state.seed.shape[0]
         dev = state.seed.device
@@ -50,7 +58,7 @@ class SpeculativeRound:
     # -- the nudger's draft ------------------------------------------------------------------
     def _draft(self) -> None:
         c, kv, model = self.nudger.cursor, self.nudger.loaded.kv, self.nudger.loaded.model
-        st, p = self.state, self.params
+        st = self.state
         page = c.page_size
         pos = c.positions
         running = st.finished == 0  # finished (and padding) rows store nothing
@@ -64,14 +72,14 @@ class SpeculativeRound:
         meta = AttentionMetadata(slot_mapping=slots, block_tables=c.block_tables, seq_lens=c.seq_lens,
                                  cu_q_lens=self.cu_two, max_q_len=2)
         logits = model.forward(ids, positions, meta, kv, logits_indices=self.last_of_two)
-        self.draft[:, 0] = self.sample(logits, st.seed, st.n_out, STREAM_NUDGER, p.temperature, p.top_p)
+        self.draft[:, 0] = self.sample(logits, st.n_out, STREAM_NUDGER)
         for i in range(1, self.K):
             q_pos = pos + i
             slot = torch.where(running, slots_for(c.block_tables, q_pos[:, None], page)[:, 0], -1)
             meta = AttentionMetadata(slot_mapping=slot, block_tables=c.block_tables, seq_lens=(c.seq_lens + i),
                                      cu_q_lens=None)
             logits = model.forward(self.draft[:, i - 1], q_pos, meta, kv)
-            self.draft[:, i] = self.sample(logits, st.seed, st.n_out + i, STREAM_NUDGER, p.temperature, p.top_p)
+            self.draft[:, i] = self.sample(logits, st.n_out + i, STREAM_NUDGER)
 
     # -- the base model's verify ------------------------------------------------------------
     def _verify(self) -> torch.Tensor:
@@ -114,10 +122,11 @@ def run_speculative(engine, sides, state: GateState, params: GateParams, config)
     live_state = round_.state
     rounds_per_read = max(1, engine.flag_interval // (K + 1))
     rounds, flag_reads = 0, 0
-    # every round emits >= 1 token per running row, so max_new_tokens rounds always suffice
-    while rounds < params.max_new_tokens:
+    max_new = int(state.max_new.max())  # one host read before the loop
+    # every round emits >= 1 token per running row, so max_new rounds always suffice
+    while rounds < max_new:
         with no_host_sync(engine):
-            for _ in range(min(rounds_per_read, params.max_new_tokens - rounds)):
+            for _ in range(min(rounds_per_read, max_new - rounds)):
                 round_.run()
         rounds += rounds_per_read
         flag_reads += 1
