@@ -13,24 +13,23 @@ on the GPU and the Triton kernel, bf16 logits. Every timed call first resets the
 import pytest
 import torch
 
-from nudgefast.kernels.nudge_gate import GATE_TOP_PROB, MODE_NUDGING, GateParams
 from nudgefast.kernels.spec_accept import SpecStats, spec_accept, spec_accept_ref
-from test_bench_gate import _inputs, _lm_like
+from test_bench_gate import SAMPLING as GATE_SAMPLING
+from test_bench_gate import _inputs, _lm_like, set_sampling
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 VOCABS = (49_152, 262_144)
 BATCHES = (1, 8)
-SAMPLING = {"greedy": (0.0, 1.0), "temp": (0.7, 1.0)}
+SAMPLING = {k: GATE_SAMPLING[k] for k in ("greedy", "temp")}
 K = 4
 
 
 def _run(benchmark, accept, batch, vocab, sampling, dtype, device):
-    temperature, top_p = SAMPLING[sampling]
     _, _, state, base, nudger = _inputs(batch, vocab, dtype, device)
     gen = torch.Generator().manual_seed(vocab + batch)
     verify = torch.stack([_lm_like(batch, vocab, gen) for _ in range(K + 1)], dim=1).to(dtype).to(device)
     draft = verify[:, :K].float().argmax(-1).to(torch.int64)
-    params = GateParams(MODE_NUDGING, GATE_TOP_PROB, 0.4, True, temperature, top_p, 64)
+    params = set_sampling(state, sampling)
     stats = SpecStats.zeros(batch, device)
     snapshot = {name: getattr(state, name).clone() for name in ("word_state", "span", "finished", "n_out", "n_nudged")}
     cursors = [(c, {f: getattr(c, f).clone() for f in ("input_ids", "positions", "seq_lens", "slot_mapping")})

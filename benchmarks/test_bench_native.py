@@ -18,8 +18,9 @@ import torch
 pytest.importorskip("nudgefast._C", reason="native CPU ops not built (pip install --no-build-isolation -e .)")
 
 from nudgefast.kernels.kv_store import store_kv_ref  # noqa: E402
-from nudgefast.kernels.nudge_gate import (GATE_TOP_PROB, MODE_NUDGING, STATE_NUDGE, GateParams,  # noqa: E402
-                                          GateState, ModelCursor, nudge_step_ref)
+from nudgefast.kernels.nudge_gate import (MODE_NUDGING, GateParams, ModelCursor, new_gate_state,  # noqa: E402
+                                          nudge_step_ref, set_row)
+from nudgefast.kernels.sample import sample_mode  # noqa: E402
 from nudgefast.kernels.paged_decode_attention import paged_decode_attention_ref  # noqa: E402
 from nudgefast.kernels.paged_prefill_attention import paged_prefill_attention_ref  # noqa: E402
 from nudgefast.native import nudge_step_native  # noqa: E402
@@ -98,21 +99,14 @@ def _lm_like(batch, vocab, gen):
     return logits
 
 
-def _gate_inputs(batch, vocab, max_new=64):
+def _gate_inputs(batch, vocab, temperature, top_p, max_new=64):
     gen = torch.Generator().manual_seed(batch * vocab)
     logits = _lm_like(batch, vocab, gen), _lm_like(batch, vocab, gen)
-    state = GateState(
-        seed=torch.randint(0, 2**62, (batch,), generator=gen),
-        word_state=torch.full((batch,), STATE_NUDGE, dtype=torch.int32),
-        span=torch.ones(batch, dtype=torch.int32),
-        finished=torch.zeros(batch, dtype=torch.int32),
-        n_out=torch.zeros(batch, dtype=torch.int32),
-        n_nudged=torch.zeros(batch, dtype=torch.int32),
-        out_tokens=torch.zeros(batch, max_new, dtype=torch.int32),
-        out_from_nudger=torch.zeros(batch, max_new, dtype=torch.int8),
-        stop_ids=torch.tensor([-1], dtype=torch.int64),
-        word_start=torch.rand(vocab, generator=gen) < 0.5,
-    )
+    seeds = torch.randint(0, 2**62, (batch,), generator=gen).tolist()
+    state = new_gate_state(batch, out_width=max_new, word_start=torch.rand(vocab, generator=gen) < 0.5)
+    for r, seed in enumerate(seeds):
+        set_row(state, r, seed=seed, gate="top_prob", threshold=0.4, granularity="word", temperature=temperature,
+                top_p=top_p, max_new_tokens=max_new, stop_ids=[], span=1)
 
     def cursor():
         pos = torch.full((batch,), 100, dtype=torch.int64)
@@ -133,8 +127,8 @@ def test_nudge_step(benchmark, impl, sampling, batch):
     """Word granularity, top-prob gate, vocabulary 49152. State and cursors are re-made before every
     timed call (outside the timing), so no row finishes during the measurement."""
     benchmark.group = f"nudge_step-v49152-b{batch}-{sampling}"
-    (base_logits, nudger_logits), state, cursors = _gate_inputs(batch, 49_152)
-    params = GateParams(MODE_NUDGING, GATE_TOP_PROB, 0.4, True, *SAMPLING[sampling], 64)
+    (base_logits, nudger_logits), state, cursors = _gate_inputs(batch, 49_152, *SAMPLING[sampling])
+    params = GateParams(MODE_NUDGING, sample_mode(*SAMPLING[sampling]))
     fn = nudge_step_native if impl == "native" else nudge_step_ref
 
     def fresh():
