@@ -3,11 +3,11 @@ decoded fast: paged KV caches, fused gate kernels, CUDA graphs, speculation, con
 from .api import NudgingEngine
 from .config import ConfigError
 from .engine.async_engine import AsyncNudgingEngine
-from .kv_cache import KVPoolExhausted
+from .kv_cache import KVPoolExhausted, RequestTooLarge
 from .params import Completion, NudgeConfig, RequestOutput
 
 __all__ = ["NudgingEngine", "AsyncNudgingEngine", "NudgeConfig", "Completion", "RequestOutput", "ConfigError",
-           "KVPoolExhausted", "convert_gguf"]
+           "KVPoolExhausted", "RequestTooLarge", "convert_gguf"]
 __version__ = "0.1.0"
 
 

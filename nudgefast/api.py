@@ -150,12 +150,8 @@ class NudgingEngine(RequestEngine):
 
     def _run_rows(self, rows: list[dict], config: NudgeConfig) -> list[Completion]:
         """Validate every row first (a bad row changes nothing), then run them all as requests."""
-        reqs = []
-        for i, kw in enumerate(rows):
-            try:
-                reqs.append(self._build_request(None, kw["base_ids"], kw["nudger_ids"], config, "", "", None, i))
-            except (ValueError, TypeError) as e:
-                raise type(e)(f"row {i}: {e}") from None
+        reqs = [self._build_request(None, kw["base_ids"], kw["nudger_ids"], config, "", "", None, i)
+                for i, kw in enumerate(rows)]
         for req in reqs:
             self.requests[req.id] = req
             self.scheduler.add(req)

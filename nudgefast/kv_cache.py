@@ -22,6 +22,11 @@ class KVPoolExhausted(RuntimeError):
     """A request needs more KV pages than the pool has free."""
 
 
+class RequestTooLarge(KVPoolExhausted, ValueError):
+    """A request needs more KV pages than the whole pool holds: it could never run (a bad request,
+    refused at add_request; smaller requests wait for pages instead)."""
+
+
 @dataclass
 class AttentionMetadata:
     """Everything attention needs about the current forward, passed explicitly (no globals).

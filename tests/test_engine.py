@@ -46,8 +46,8 @@ def random_request(rng: random.Random, family: str, tok, i: int, frequent=(17, 4
     sampled = rng.random() < 0.5
     speculate = rng.choice([0, 0, 2, 4]) if mode == "nudging" else 0
     stop = None
-    if rng.random() < 0.3:  # a frequent token as an extra stop id makes "stop" endings common
-        stop = [tok.token_to_id("<|im_end|>"), rng.choice(frequent)]
+    if rng.random() < 0.4:  # frequent tokens as extra stop ids make "stop" endings common
+        stop = [tok.token_to_id("<|im_end|>")] + rng.sample(list(frequent), 2)
     cfg = nf.NudgeConfig(mode=mode, gate=gate, threshold=threshold(family, gate, granularity),
                          granularity=granularity, speculate=speculate, max_new_tokens=rng.randint(1, 64),
                          temperature=0.9 if sampled else 0.0, top_p=rng.choice([1.0, 0.8]) if sampled else 1.0,
@@ -58,7 +58,7 @@ def random_request(rng: random.Random, family: str, tok, i: int, frequent=(17, 4
     return cfg, base, nudger
 
 
-def run_schedule(engine, requests, rng, abort_share=0.15):
+def run_schedule(engine, requests, rng, abort_share=0.05):
     """Requests arrive at random steps; some are aborted midway. Returns {index: Completion or
     'abort'} and checks the pools after every step."""
     pending = list(enumerate(requests))
@@ -237,8 +237,8 @@ def test_crossvocab_schedule_equals_solo_runs(tmp_path):
     spec = PAIRS["bytelevel_sizes"]
     toks = {name: TOKENIZERS[name]() for name in (spec[1], spec[3])}
     solo, _, _ = build_pair(tmp_path / "solo", toks, *spec[:6])
-    busy = nf.NudgingEngine(base=solo.base.dir, nudger=solo.nudger.dir, page_size=4, kv_cache_tokens=200,
-                            max_running=4)
+    busy = nf.NudgingEngine(base=solo.base.dir, nudger=solo.nudger.dir, page_size=4, kv_cache_tokens=110,
+                            max_running=6)
     base_prompts, nudger_prompts = prompts_for(solo, QUESTIONS)
     rng = random.Random(3)
     requests = []
@@ -249,7 +249,6 @@ def test_crossvocab_schedule_equals_solo_runs(tmp_path):
                              temperature=0.8 if sampled else 0.0, seed=rng.randrange(1000) if sampled else None)
         requests.append((cfg, base_prompts[k], nudger_prompts[k]))
     results = run_schedule(busy, requests, rng, abort_share=0.1)
-    assert busy.counts()["preempted"] > 0
     assert all(u["used"] == 0 for u in busy.kv_usage().values())
     for i, (cfg, b, n) in enumerate(requests):
         got = results[i]
@@ -259,3 +258,4 @@ def test_crossvocab_schedule_equals_solo_runs(tmp_path):
         assert (got.text, got.stats["spans"], got.token_ids, got.finish_reason) == \
             (alone.text, alone.stats["spans"], alone.token_ids, alone.finish_reason), f"request {i}"
         assert got.stats["base_ids"] == alone.stats["base_ids"]
+    assert busy.counts()["preempted"] > 0, "the pool was large enough that nothing was preempted"

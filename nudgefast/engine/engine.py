@@ -12,6 +12,7 @@ import uuid
 
 import torch
 
+from ..kv_cache import RequestTooLarge
 from ..params import MAX_STOP_IDS, Completion, NudgeConfig, RequestOutput
 from ..runner.batch import RowInit
 from ..runner.crossvocab import CrossVocabRunner, check_crossvocab_config, crossvocab_slack, crossvocab_stop_ids
@@ -27,16 +28,17 @@ def row_seeds(seed: int | None, n: int) -> list[int]:
     return [(seed * 0x9E3779B1 + r * 0x85EBCA77) % (1 << 62) for r in range(n)]
 
 
-def validate_prompt(name: str, p, vocab: int, max_ctx: int, max_new: int) -> None:
+def validate_prompt(model: str, p, vocab: int, max_ctx: int, max_new: int, row: int | None = None) -> None:
+    name = f"{model} prompt" if row is None else f"{model} prompt {row}"
     if not isinstance(p, (list, tuple)) or not all(type(t) is int for t in p):
-        raise TypeError(f"{name} prompt must be a list of ints")
+        raise TypeError(f"{name} must be a list of ints")
     if len(p) == 0:
-        raise ValueError(f"{name} prompt is empty")
+        raise ValueError(f"{name} is empty")
     bad = [t for t in p if not 0 <= t < vocab]
     if bad:
-        raise ValueError(f"{name} prompt has token ids outside the model's vocabulary [0, {vocab}): {bad[:5]}")
+        raise ValueError(f"{name} has token ids outside the model's vocabulary [0, {vocab}): {bad[:5]}")
     if len(p) + max_new > max_ctx:
-        raise ValueError(f"{name} prompt has {len(p)} tokens; with max_new_tokens={max_new} it exceeds the "
+        raise ValueError(f"{name} has {len(p)} tokens; with max_new_tokens={max_new} it exceeds the "
                          f"model's context of {max_ctx} positions")
 
 
@@ -69,11 +71,9 @@ class RequestEngine:
     # ---- the contract ------------------------------------------------------------------------
     def add_request(self, prompt: str | None = None, *, base_ids: list[int] | None = None,
                     nudger_ids: list[int] | None = None, config: NudgeConfig | None = None,
-                    system_prompt: str = "", answer_prefix: str = "", request_id: str | None = None,
-                    _seed_row: int = 0) -> str:
+                    system_prompt: str = "", answer_prefix: str = "", request_id: str | None = None) -> str:
         """Queue one request; every check happens here, and a rejected request changes nothing."""
-        req = self._build_request(prompt, base_ids, nudger_ids, config, system_prompt, answer_prefix, request_id,
-                                  _seed_row)
+        req = self._build_request(prompt, base_ids, nudger_ids, config, system_prompt, answer_prefix, request_id)
         self.requests[req.id] = req
         self.scheduler.add(req)
         return req.id
@@ -262,7 +262,9 @@ class RequestEngine:
         return sorted(ids)
 
     def _build_request(self, prompt, base_ids, nudger_ids, config, system_prompt, answer_prefix, request_id,
-                       seed_row) -> Request:
+                       row: int | None = None) -> Request:
+        """A validated Request (nothing registered yet). `row`: the row of a generate_ids batch (its
+        sampler seed is that row's, and errors name it)."""
         config = NudgeConfig() if config is None else config
         if not isinstance(config, NudgeConfig):
             raise TypeError(f"config must be a NudgeConfig, got {type(config).__name__}")
@@ -293,7 +295,8 @@ class RequestEngine:
             if prompts[m] is None:
                 raise ValueError(f"mode={config.mode!r} needs {m}_ids (or a text prompt)")
             lm = self.models[m]
-            validate_prompt(m, prompts[m], lm.spec.vocab_size, lm.spec.max_position_embeddings, config.max_new_tokens)
+            validate_prompt(m, prompts[m], lm.spec.vocab_size, lm.spec.max_position_embeddings, config.max_new_tokens,
+                            row)
         if config.granularity == "word" and config.mode == "nudging" and not crossvocab:
             if all(getattr(self, m).tokenizer is None for m in models):
                 raise ValueError("granularity='word' needs a tokenizer.json (word starts come from token strings)")
@@ -304,7 +307,7 @@ class RequestEngine:
             extra = crossvocab_slack(config.max_new_tokens) if crossvocab else K + 2
             need = pool.pages_for(len(prompts[m]) + config.max_new_tokens + extra)
             if need > pool.num_pages:
-                raise ValueError(
+                raise RequestTooLarge(
                     f"request needs up to {need} KV pages of the {m} model but its whole pool has {pool.num_pages}: "
                     f"use a shorter prompt or max_new_tokens, or a larger kv_cache_tokens")
         tok = (self.nudger.tokenizer if "nudger" in models else None) or (self.base.tokenizer if "base" in models
@@ -313,7 +316,7 @@ class RequestEngine:
         if len(stop_ids) > MAX_STOP_IDS:
             raise ValueError(f"{len(stop_ids)} stop ids; at most {MAX_STOP_IDS}")
         req = Request(id=request_id, config=config, arrival=next(self._arrivals), kind=kind, models=models,
-                      prompts={m: list(prompts[m]) for m in models}, seed=row_seeds(config.seed, seed_row + 1)[seed_row],
+                      prompts={m: list(prompts[m]) for m in models}, seed=row_seeds(config.seed, (row or 0) + 1)[row or 0],
                       stop_ids=stop_ids, tokenizer=tok)
         if crossvocab:
             self.crossvocab_runner.attach(req, crossvocab_stop_ids(self, config))

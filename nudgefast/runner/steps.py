@@ -93,7 +93,9 @@ class SpeculativeRound:
         ids = torch.stack([self.stats.prev_token, c.input_ids], 1).reshape(-1)
         positions = torch.stack([prev_pos, pos], 1).reshape(-1)
         slots = torch.stack([prev_slot, torch.where(running, c.slot_mapping, -1)], 1).reshape(-1)
-        meta = AttentionMetadata(slot_mapping=slots, block_tables=c.block_tables, seq_lens=c.seq_lens,
+        # a row that finished at its first token after a one-token prompt still sits at position 0:
+        # two queries need two keys (its outputs are ignored and it stores nothing)
+        meta = AttentionMetadata(slot_mapping=slots, block_tables=c.block_tables, seq_lens=c.seq_lens.clamp_min(2),
                                  cu_q_lens=self.cu_two, max_q_len=2)
         logits = model.forward(ids, positions, meta, kv, logits_indices=self.last_of_two)
         sample = self.kernels.sample
