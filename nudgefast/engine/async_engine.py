@@ -23,6 +23,7 @@ class AsyncNudgingEngine:
         self._queues: dict[str, asyncio.Queue] = {}
         self._wake: asyncio.Event | None = None
         self._driver: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
     # ---- calls into the engine (one at a time) ------------------------------------------------
@@ -49,6 +50,7 @@ class AsyncNudgingEngine:
         raises here before anything is yielded; leaving the loop early aborts the request."""
         if self._closed:
             raise RuntimeError("AsyncNudgingEngine is closed")
+        self._loop = asyncio.get_running_loop()
         rid = request_id if request_id is not None else uuid.uuid4().hex
         if rid in self._queues:
             raise ValueError(f"request id {rid!r} is already in use")
@@ -89,13 +91,19 @@ class AsyncNudgingEngine:
         return completion
 
     def abort(self, request_id: str) -> None:
-        """Stop a request (its stream ends with finish_reason 'abort')."""
-        with self._lock:
-            try:
-                self.engine.abort(request_id)
-            except ValueError:
-                pass
-        self._kick()
+        """Stop a request (its stream ends with finish_reason 'abort'). Safe from any thread."""
+        self._abort(request_id)
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            self._kick()
+        else:  # a worker thread: wake the driver on its own loop
+            loop.call_soon_threadsafe(self._kick)
 
     async def close(self) -> None:
         """Stop the driver; every request still running is aborted and its stream ends."""
