@@ -61,7 +61,9 @@ class SpeculativeRound:
         ids = torch.stack([self.stats.prev_token, c.input_ids], 1).reshape(-1)
         positions = torch.stack([prev_pos, pos], 1).reshape(-1)
         slots = torch.stack([prev_slot, torch.where(running, c.slot_mapping, -1)], 1).reshape(-1)
-        meta = AttentionMetadata(slot_mapping=slots, block_tables=c.block_tables, seq_lens=c.seq_lens,
+        # a row that finished at its first token after a one-token prompt still sits at position 0:
+        # two queries need two keys (its outputs are ignored and it stores nothing)
+        meta = AttentionMetadata(slot_mapping=slots, block_tables=c.block_tables, seq_lens=c.seq_lens.clamp_min(2),
                                  cu_q_lens=self.cu_two, max_q_len=2)
         logits = model.forward(ids, positions, meta, kv, logits_indices=self.last_of_two)
         self.draft[:, 0] = self.sample(logits, st.seed, st.n_out, STREAM_NUDGER, p.temperature, p.top_p)
@@ -114,10 +116,11 @@ def run_speculative(engine, sides, state: GateState, params: GateParams, config)
     live_state = round_.state
     rounds_per_read = max(1, engine.flag_interval // (K + 1))
     rounds, flag_reads = 0, 0
-    # every round emits >= 1 token per running row, so max_new_tokens rounds always suffice
-    while rounds < params.max_new_tokens:
+    # every round emits >= 1 token per running row, and the gate step above emitted the first one,
+    # so max_new_tokens - 1 rounds always suffice
+    while rounds < params.max_new_tokens - 1:
         with no_host_sync(engine):
-            for _ in range(min(rounds_per_read, params.max_new_tokens - rounds)):
+            for _ in range(min(rounds_per_read, params.max_new_tokens - 1 - rounds)):
                 round_.run()
         rounds += rounds_per_read
         flag_reads += 1
