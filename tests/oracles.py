@@ -31,10 +31,14 @@ def vocabulary(model_dir) -> dict[int, str]:
     return strings
 
 
-def word_start_flags(model_dir, size: int) -> list[bool]:
-    """The word-start flag of every id in [0, size) by the definition."""
-    strings = vocabulary(model_dir)
+def flags_from_strings(strings: dict[int, str], size: int) -> list[bool]:
+    """The word-start flag of every id in [0, size) by the definition, given id -> token string."""
     return [i in strings and strings[i][:1] in ("\u0120", "\u2581", " ") for i in range(size)]
+
+
+def word_start_flags(model_dir, size: int) -> list[bool]:
+    """The word-start flag of every id in [0, size), from the model directory's tokenizer.json."""
+    return flags_from_strings(vocabulary(model_dir), size)
 
 
 def _ids(value) -> list[int]:

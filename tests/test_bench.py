@@ -164,6 +164,7 @@ def test_planted_preset_follows_its_map_and_matches_transformers(preset, dtype):
     word = nf.NudgeConfig(mode="nudging", granularity="word", max_new_tokens=40, stop_token_ids=[])
     mixed = engine.generate_ids([prompt], [prompt], word)[0]
     assert 0.1 < mixed.nudged_fraction < 0.9
+    # a synthetic tokenizer has no token strings: its random word-start table is the definition here
     table = engine.nudger.tokenizer.word_start_table(engine.nudger.spec.vocab_size)
     ref = anchors.nudging_loop_chunked(hf["base"], hf["nudger"], prompt, prompt, word, set(), table)
     assert (ref.token_ids, ref.from_nudger) == (mixed.token_ids, mixed.from_nudger)
