@@ -83,7 +83,31 @@ def _run(benchmark, step, batch, vocab, sampling, dtype, device):
             torch.cuda.synchronize()
 
     once()  # compile (Triton) / warm up outside the timing
+    if step is not nudge_step_ref:
+        check_against_reference(step, base_logits, nudger_logits, state, params, base, nudger, start)
     benchmark(once)
+
+
+def _copy(obj):
+    return type(obj)(**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in vars(obj).items()})
+
+
+def check_against_reference(step, base_logits, nudger_logits, state, params, base, nudger, start):
+    """What is timed computes what the reference computes: one step from the timed start state,
+    every state and cursor tensor compared (same logits, same device)."""
+    runs = []
+    for fn in (step, nudge_step_ref):
+        s, b, n = _copy(state), _copy(base), _copy(nudger)
+        s.n_out.zero_()
+        s.finished.zero_()
+        b.positions.copy_(start)
+        n.positions.copy_(start)
+        fn(base_logits, nudger_logits, s, params, b, n)
+        runs.append((s, b, n))
+    for got, want in zip(*runs):
+        for k, v in vars(got).items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(v, getattr(want, k)), f"{step.__name__}: {k} differs from the reference"
 
 
 CASES = [(v, b, s) for v in VOCABS for b in BATCHES for s in SAMPLING]

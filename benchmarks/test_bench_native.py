@@ -32,6 +32,13 @@ GEMMA3 = ("gemma3", 4, 1, 256)
 IMPLS = ("native", "ref")
 
 
+def _same(got, want, dtype=torch.float32):
+    """The timed op's result equals the reference's once, before the timing (float32 summation
+    order differs between the two: tolerances as in tests/test_native_ops.py)."""
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+
+
 def _row_lengths(batch, seq):
     """Rows spread over [0.75 * seq, seq]: a batch whose prompts differ in length."""
     return [seq - (seq // 4) * i // max(1, batch - 1) for i in range(batch)] if batch > 1 else [seq]
@@ -63,6 +70,8 @@ def test_decode_attention(benchmark, impl, model, batch, dtype):
     scale = head_dim ** -0.5
     if impl == "native":
         cu = torch.arange(batch + 1, dtype=torch.int32)
+        _same(OPS.paged_attention(q, k_pages, v_pages, block_tables, lens, cu, scale, 0, 0.0),
+              paged_decode_attention_ref(q, k_pages, v_pages, block_tables, lens, scale, 0, 0.0), dtype)
         benchmark(OPS.paged_attention, q, k_pages, v_pages, block_tables, lens, cu, scale, 0, 0.0)
     else:
         benchmark(paged_decode_attention_ref, q, k_pages, v_pages, block_tables, lens, scale, 0, 0.0)
@@ -78,6 +87,9 @@ def test_prefill_attention(benchmark, impl, model):
     q = torch.randn(64, n_q_heads, head_dim)
     cu = torch.tensor([0, 64], dtype=torch.int32)
     fn = OPS.paged_attention if impl == "native" else paged_prefill_attention_ref
+    if impl == "native":
+        _same(fn(q, k_pages, v_pages, block_tables, lens, cu, head_dim ** -0.5, 0, 0.0),
+              paged_prefill_attention_ref(q, k_pages, v_pages, block_tables, lens, cu, head_dim ** -0.5, 0, 0.0))
     benchmark(fn, q, k_pages, v_pages, block_tables, lens, cu, head_dim ** -0.5, 0, 0.0)
 
 
@@ -89,6 +101,11 @@ def test_store_kv(benchmark, impl, n_tokens):
     k_pages, v_pages, _, _ = _cache(SMOLLM2, [1024], torch.float32)
     k, v = torch.randn(n_tokens, 3, 64), torch.randn(n_tokens, 3, 64)
     slots = torch.randperm(k_pages.shape[0] * PAGE_SIZE)[:n_tokens]
+    if impl == "native":
+        pages = [(k_pages.clone(), v_pages.clone()) for _ in range(2)]
+        OPS.store_kv(k, v, *pages[0], slots)
+        store_kv_ref(k, v, *pages[1], slots)
+        assert torch.equal(pages[0][0], pages[1][0]) and torch.equal(pages[0][1], pages[1][1])
     benchmark(OPS.store_kv if impl == "native" else store_kv_ref, k, v, k_pages, v_pages, slots)
 
 
@@ -136,6 +153,16 @@ def test_nudge_step(benchmark, impl, sampling, batch):
                                     for k, v in vars(o).items()})
         return (base_logits, nudger_logits, copy(state), params, copy(cursors[0]), copy(cursors[1])), {}
 
+    if impl == "native":  # every state and cursor tensor equals the reference's after one step
+        runs = [fresh()[0] for _ in range(2)]
+        nudge_step_native(*runs[0])
+        nudge_step_ref(*runs[1])
+        for got, want in zip(runs[0][2:], runs[1][2:]):
+            if got is params:
+                continue
+            for k, v in vars(got).items():
+                if isinstance(v, torch.Tensor):
+                    assert torch.equal(v, getattr(want, k)), f"nudge_step_native: {k} differs from the reference"
     benchmark.pedantic(fn, setup=fresh, rounds=30 if impl == "ref" else 200, warmup_rounds=2)
 
 
@@ -168,6 +195,7 @@ def test_block_linear(benchmark, impl, m, name):
     w = _block_weight(n, k, bits)
     x = torch.randn(m, k)
     if impl == "native":
+        _same(OPS.block_linear(x, w.codes, w.scale, w.offset, w.bits, w.block), block_linear_ref(x, w))
         benchmark(OPS.block_linear, x, w.codes, w.scale, w.offset, w.bits, w.block)
     elif impl == "dense":  # what weights="dense" runs: float32 weights, 4-8x the bytes
         dense = w.dequantize()

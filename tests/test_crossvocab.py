@@ -23,6 +23,7 @@ from nudgefast.runner.crossvocab import WindowEncoder, crossvocab_slack, crossvo
 from nudgefast.crossvocab_reference import Party, TextCodec, reference_crossvocab
 from nudgefast.engine.engine import row_seeds
 from nudgefast.tokenizer import Tokenizer
+from oracles import eos_and_end_of_turn, word_start_flags
 from tiny_models import CORPUS, SPECIALS, load_hf, make_tiny, train_tokenizer, write_tokenizer
 
 NEW_TOKENS = 24
@@ -100,18 +101,33 @@ def hf_logits_fn(model):
     return fn
 
 
+def oracle_codec(loaded):
+    """The reference's view of a model's tokenizer, with word starts by the definition
+    (tests/oracles.py) rather than the engine's table."""
+    codec = TextCodec(Tokenizer(loaded.dir), loaded.spec.vocab_size)
+    codec.word_starts = word_start_flags(loaded.dir, loaded.spec.vocab_size)
+    return codec
+
+
 def run_reference(engine, hf_base, hf_nudger, config, base_prompts, nudger_prompts):
-    base_stop, nudger_stop = crossvocab_stop_ids(engine, config)
+    """The reference with each model's stop ids by the definition, read from its files: the base's
+    EOS ids and end-of-turn token; the nudger's the same unless the user gave stop ids."""
+    base_stop = frozenset(eos_and_end_of_turn(engine.base.dir))
+    nudger_stop = frozenset(config.stop_token_ids if config.stop_token_ids is not None
+                            else eos_and_end_of_turn(engine.nudger.dir))
+    assert (base_stop, nudger_stop) == crossvocab_stop_ids(engine, config)  # the fast path resolves the same sets
+    codecs = oracle_codec(engine.base), oracle_codec(engine.nudger)
     seeds = row_seeds(config.seed, len(base_prompts)) if config.seed is not None else [0] * len(base_prompts)
     out = []
     for bp, np_, seed in zip(base_prompts, nudger_prompts, seeds):
-        base = Party(encoder_for(engine.base).codec, bp, hf_logits_fn(hf_base), base_stop)
-        nudger = Party(encoder_for(engine.nudger).codec, np_, hf_logits_fn(hf_nudger), nudger_stop)
+        base = Party(codecs[0], bp, hf_logits_fn(hf_base), base_stop)
+        nudger = Party(codecs[1], np_, hf_logits_fn(hf_nudger), nudger_stop)
         out.append(reference_crossvocab(base, nudger, config, seed))
     return out
 
 
 def assert_same(outs, refs):
+    assert len(outs) == len(refs)
     for o, r in zip(outs, refs):
         assert o.text == r.text
         assert o.stats["spans"] == r.spans
@@ -140,10 +156,10 @@ def assert_consistent(engine, outs, config):
         assert (o.finish_reason == "length") == (o.stats["emitted_tokens"] == config.max_new_tokens)
 
 
-def assert_mixed(outs):
+def assert_mixed(outs, low=0.15, high=0.85):
     emitted = sum(o.stats["emitted_tokens"] for o in outs)
     nudged = sum(o.stats["nudged_tokens"] for o in outs)
-    assert 0.15 <= nudged / emitted <= 0.85, f"nudged fraction {nudged / emitted:.2f}: the gate is not exercised"
+    assert low <= nudged / emitted <= high, f"nudged fraction {nudged / emitted:.2f}: the gate is not exercised"
     assert any(len({s[2] for s in o.stats["spans"]}) == 2 for o in outs)
 
 
@@ -173,6 +189,7 @@ def test_seeded_sampling_equals_reference_and_repeats(pair):
     assert [o.text for o in a] == [o.text for o in b]
     assert_same(a, run_reference(engine, hf_base, hf_nudger, cfg, base_prompts, nudger_prompts))
     assert_consistent(engine, a, cfg)
+    assert_mixed(a, 0.05, 0.95)
 
 
 def test_nudger_stop_ends_the_answer(pair):
