@@ -6,6 +6,7 @@ large enough that nothing waits or is preempted), which the other suites hold eq
 readable reference of the rule (test_nudging.py, test_speculative.py, test_crossvocab.py).
 """
 import asyncio
+import dataclasses
 import random
 
 import pytest
@@ -93,6 +94,15 @@ def test_random_schedule_equals_solo_runs(family, tmp_path, tokenizer):
     solo, busy, tok = small_engine(family, tmp_path, tokenizer, kv_cache_tokens=160)
     frequent = frequent_tokens(solo)
     requests = [random_request(rng, family, tok, i, frequent) for i in range(32)]
+    for i, (cfg, b, n) in enumerate(requests):
+        if cfg.stop_token_ids is not None and cfg.max_new_tokens > 1:
+            # a token this request writes after its first one becomes a stop id: it ends with "stop"
+            probe = solo.generate_ids(base_prompts=[b] if cfg.mode != "nudger_only" else None,
+                                      nudger_prompts=[n] if cfg.mode != "base_only" else None,
+                                      config=dataclasses.replace(cfg, stop_token_ids=[]))[0]
+            if len(probe.token_ids) > 1:
+                stop = cfg.stop_token_ids[:1] + [probe.token_ids[rng.randrange(1, len(probe.token_ids))]]
+                requests[i] = (dataclasses.replace(cfg, stop_token_ids=stop), b, n)
     results = run_schedule(busy, requests, rng)
     counts = busy.counts()
     assert counts["preempted"] > 0, "the pool was large enough that nothing was preempted"
