@@ -322,5 +322,3 @@ def test_bad_prompt_ids(small_pair):
         small_pair.generate_ids([[5, 6], [7]], [[5]], cfg)
     with pytest.raises(ValueError, match="nudger prompt 0 has token ids outside"):
         small_pair.generate_ids([[5, 6]], [[5, 10**6]], cfg)
-    with pytest.raises(ValueError, match="cross-vocabulary decoding is for mode='nudging'"):
-        small_pair.generate_ids([[5, 6]], [[5]], nf.NudgeConfig(mode="base_only"))
