@@ -224,8 +224,15 @@ def _capture():
 _BINDERS = {}
 
 
+ALIGNMENT = {"mode": "launch"}
+
+
 def _bind(fn, args, kwargs, target):
-    """Triton's own launch-time specialisation of this call, without a driver."""
+    """Triton's own launch-time specialisation of this call, without a driver.
+
+    ALIGNMENT "none" drops the divisibility attributes (pointers 16-byte aligned, ints multiples of
+    16): the worst case, a launch on unaligned views, where nothing can be vectorised.
+    """
     key = (id(fn), target.arch)
     if key not in _BINDERS:
         backend = make_backend(target)
@@ -233,6 +240,8 @@ def _bind(fn, args, kwargs, target):
     backend, binder = _BINDERS[key]
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    if ALIGNMENT["mode"] == "none":
+        attrs = {}
     return options, signature, constexprs, attrs
 
 
@@ -363,11 +372,14 @@ def main(argv=None):
     p.add_argument("--subset", choices=["ci", "full"], default="full")
     p.add_argument("--family", action="append", help="only these families (repeatable)")
     p.add_argument("--target", action="append", choices=sorted(TARGETS), help="default: all")
+    p.add_argument("--alignment", choices=["launch", "none"], default="launch",
+                   help="launch: the attributes a launch on aligned tensors gets (default); none: no alignment known")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--markdown", default=None, help="default for the full subset: benchmarks/KERNELS.md")
     p.add_argument("--no-markdown", action="store_true")
     a = p.parse_args(argv)
     t0 = time.time()
+    ALIGNMENT["mode"] = a.alignment
     rows = run(a.subset, a.family, a.target or sorted(TARGETS))
     bad = problems(rows)
     if a.json:
