@@ -52,6 +52,12 @@ class Transformer:
                 "rope": spec.layer_rope[i],
             })
         self.inv_freqs = [r.inv_freq(spec.head_dim).to(device) for r in spec.ropes]
+        # With the fused RoPE + KV store (GPU), the cos/sin tables of every position are built once
+        # here instead of per step; the values are the per-step tables' (same elementwise ops).
+        self.rope_caches = None
+        if backend.fused_rope:
+            from .kernels.kv_store import rope_cache
+            self.rope_caches = [rope_cache(inv, spec.max_position_embeddings, dtype, device) for inv in self.inv_freqs]
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, device: torch.device, dtype: torch.dtype | None,
@@ -119,7 +125,7 @@ class Transformer:
         h = self.embed.rows(input_ids) if type(self.embed) is BlockWeight else F.embedding(input_ids, self.embed)
         if self.embed_scale is not None:
             h = h * self.embed_scale
-        ropes = self._rope_tables(positions)
+        ropes = self._rope_tables(positions) if self.rope_caches is None else None
         for i, L in enumerate(self.layers):
             # --- attention block
             x = self._norm(h, L["attn_pre_norm"]) if spec.pre_norms else h
@@ -132,9 +138,13 @@ class Transformer:
             q, k, v = q.reshape(T, H, D), k.reshape(T, Hkv, D), v.reshape(T, Hkv, D)
             if spec.qk_norm == "head":
                 q, k = self._norm(q, L["q_norm"]), self._norm(k, L["k_norm"])
-            cos, sin = ropes[L["rope"]]
-            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-            self.backend.store_kv(k, v, kv.k[i], kv.v[i], meta.slot_mapping)
+            if ropes is None:  # one launch: q rotated in place, rotated k and v into the cache
+                self.backend.store_kv_rope(q, k, v, kv.k[i], kv.v[i], meta.slot_mapping, positions,
+                                           *self.rope_caches[L["rope"]])
+            else:
+                cos, sin = ropes[L["rope"]]
+                q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+                self.backend.store_kv(k, v, kv.k[i], kv.v[i], meta.slot_mapping)
             a = self.backend.attention(q, kv.k[i], kv.v[i], meta, spec.attn_scale, L["window"], spec.attn_softcap)
             a = self._linear(a.reshape(T, H * D), L["o"], L["o_bias"])
             if spec.post_norms:

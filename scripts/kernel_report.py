@@ -51,7 +51,7 @@ MODULES = (kv_store, decode_mod, prefill_mod, nudge_gate, sample, spec_accept)
 
 # Kernels that must not spill on sm_90 at these head_dims (issue 13, item 2). head_dim 256 is
 # reported, not enforced.
-NO_SPILL = {"_decode_kernel", "_decode_merge_kernel", "_prefill_kernel", "_store_kv_kernel"}
+NO_SPILL = {"_decode_kernel", "_decode_merge_kernel", "_prefill_kernel", "_store_kv_kernel", "_store_kv_rope_kernel"}
 NO_SPILL_HEAD_DIMS = (64, 128)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -66,7 +66,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 class Family:
     name: str
     call: callable          # call(**params): invokes the launcher once (kernels are recorders then)
-    full: dict              # parameter -> values swept by the full report (cartesian product)
+    full: dict | list       # parameter -> values swept by the full report (cartesian product; a list: union)
     ci: dict                # the representative subset CI compiles (must include what NO_SPILL checks)
 
 
@@ -98,6 +98,18 @@ def call_store(head_dim, n_kv, dtype, page_size):
     v = qkv[:, 3 * n_kv * head_dim:].view(3, n_kv, head_dim)
     pages = torch.zeros(4, page_size, n_kv, head_dim, dtype=DTYPES[dtype])
     kv_store.store_kv(k, v, pages, pages.clone(), torch.zeros(3, dtype=torch.int64))
+
+
+def call_store_rope(head_dim, n_kv, group, dtype, page_size):
+    hq = n_kv * group
+    qkv = torch.zeros(3, (hq + 2 * n_kv) * head_dim, dtype=DTYPES[dtype])
+    q = qkv[:, :hq * head_dim].view(3, hq, head_dim)
+    k = qkv[:, hq * head_dim:(hq + n_kv) * head_dim].view(3, n_kv, head_dim)
+    v = qkv[:, (hq + n_kv) * head_dim:].view(3, n_kv, head_dim)
+    pages = torch.zeros(4, page_size, n_kv, head_dim, dtype=DTYPES[dtype])
+    cos, sin = kv_store.rope_cache(torch.ones(head_dim // 2), 64, DTYPES[dtype], "cpu")
+    kv_store.store_kv_rope(q, k, v, pages, pages.clone(), torch.zeros(3, dtype=torch.int64),
+                           torch.zeros(3, dtype=torch.int64), cos, sin)
 
 
 def _gate_state(batch, vocab, stop_width, max_new):
@@ -151,21 +163,31 @@ def call_accept(mode, word, sampler, dtype, k, vocab=1000, batch=2):
                             _cursor(batch), spec_accept.SpecStats.zeros(batch))
 
 
-_ATTN_FULL = dict(head_dim=[64, 128, 256], group=[1, 2, 4, 8], dtype=list(DTYPES), page_size=[16, 32],
-                  softcap=[0.0, 50.0], window=[0, 4096])
+# Full sweep of an attention family: every head_dim x GQA group x dtype x page size, and softcap /
+# window / split on and off at bf16 (they are constexpr switches independent of the dtype).
+def _attn_full(**extra):
+    return [dict(head_dim=[64, 128, 256], group=[1, 2, 4, 8], dtype=list(DTYPES), page_size=[16, 32], softcap=[0.0],
+                 window=[0], **{k: v[:1] for k, v in extra.items()}),
+            dict(head_dim=[64, 128, 256], group=[1, 8], dtype=["bf16"], page_size=[16, 32], softcap=[0.0, 50.0],
+                 window=[0, 4096], **extra)]
+
+
 FAMILIES = [
     Family("decode attention", call_decode,
-           full=dict(_ATTN_FULL, split=[False, True]),
+           full=_attn_full(split=[False, True]),
            ci=dict(head_dim=[64, 128, 256], group=[1, 8], dtype=["bf16"], page_size=[16], softcap=[0.0],
                    window=[0], split=[False, True])),
     Family("prefill attention", call_prefill,
            # q_len 5: a speculative verify chunk (K=4); 512: a prompt chunk (the widest tile)
-           full=dict(_ATTN_FULL, q_len=[5, 512]),
+           full=_attn_full(q_len=[5, 512]),
            ci=dict(head_dim=[64, 128, 256], group=[1, 8], dtype=["bf16"], page_size=[16], softcap=[0.0],
                    window=[0], q_len=[5, 512])),
     Family("KV store", call_store,
            full=dict(head_dim=[64, 128, 256], n_kv=[1, 4, 8, 32], dtype=list(DTYPES), page_size=[16, 32]),
            ci=dict(head_dim=[64, 128, 256], n_kv=[8, 32], dtype=["bf16"], page_size=[16])),
+    Family("KV store + RoPE", call_store_rope,
+           full=dict(head_dim=[64, 128, 256], n_kv=[1, 8, 32], group=[1, 4, 8], dtype=list(DTYPES), page_size=[16, 32]),
+           ci=dict(head_dim=[64, 128, 256], n_kv=[8, 32], group=[1, 4], dtype=["bf16"], page_size=[16])),
     Family("nudge gate", call_gate,
            full=dict(mode=list(_MODES), gate=[0, 1], word=[False, True], sampler=list(_SAMPLERS),
                      dtype=list(DTYPES)),
@@ -281,10 +303,12 @@ def run(subset: str, families: list[str] | None, targets: list[str], log=print) 
     for fam in FAMILIES:
         if families and fam.name not in families:
             continue
-        grid = fam.ci if subset == "ci" else fam.full
-        names = list(grid)
-        for values in itertools.product(*(grid[n] for n in names)):
-            params = dict(zip(names, values))
+        grids = fam.ci if subset == "ci" else fam.full
+        grids = grids if isinstance(grids, list) else [grids]
+        points = list(dict.fromkeys(tuple(zip(g, values)) for g in grids
+                                    for values in itertools.product(*g.values())))
+        for point in points:
+            params = dict(point)
             with _capture() as sink:
                 fam.call(**params)
             if not sink:

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "kernel_report.py"
 # What each family must launch (a launcher that silently stopped launching a kernel would pass the
 # spill check vacuously).
-EXPECTED_KERNELS = {"_decode_kernel", "_decode_merge_kernel", "_prefill_kernel", "_store_kv_kernel",
+EXPECTED_KERNELS = {"_decode_kernel", "_decode_merge_kernel", "_prefill_kernel", "_store_kv_kernel", "_store_kv_rope_kernel",
                     "_nudge_step_kernel", "_sample_kernel", "_spec_accept_kernel"}
 
 
@@ -48,7 +48,7 @@ def _check(proc, data, targets):
         assert EXPECTED_KERNELS <= launched, f"{target}: never compiled {EXPECTED_KERNELS - launched}"
     # The spill rule is enforced on rows that exist: decode, prefill and the store at head_dim 64 and
     # 128 on sm_90, each with a stack of 0 bytes.
-    for kernel in ("_decode_kernel", "_prefill_kernel", "_store_kv_kernel"):
+    for kernel in ("_decode_kernel", "_prefill_kernel", "_store_kv_kernel", "_store_kv_rope_kernel"):
         for head_dim in (64, 128):
             hits = [r for r in rows if r["kernel"] == kernel and r["target"] == "sm_90"
                     and any(p.get("head_dim") == head_dim for p in r["params"])]

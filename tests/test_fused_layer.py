@@ -1,0 +1,77 @@
+"""The GPU path's fused layer glue: RoPE inside the KV store (store_kv_rope) with rope tables built
+once. Held two ways on the CPU (Triton under the interpreter):
+
+- the model with the Triton backend (fused RoPE, Triton store and attention) gives the logits of
+  the torch backend (RoPE as torch ops, reference store and attention) for a prefill and a decode
+  step; fp32, tolerance 1e-4 (the attention kernels sum in another order than SDPA);
+- counted from an op trace (scripts/layer_launches.py), a decode step launches no RoPE glue (no
+  cat/neg/cos/sin) and fewer kernels per layer than the per-op path.
+"""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from nudgefast.bench.presets import SHAPES, planted_next_map, planted_weights
+from nudgefast.config import spec_from_config
+from nudgefast.kv_cache import AttentionMetadata, KVPool
+from nudgefast.model import Transformer
+from nudgefast.ops import Backend
+
+pytest.importorskip("triton")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(preset, kind, prompt_len=6, batch=2, page_size=4):
+    spec = spec_from_config(dict(SHAPES[preset]))
+    weights = planted_weights(spec, 0, "cpu", torch.float32, planted_next_map(spec.vocab_size, 0))
+    model = Transformer(spec, weights, torch.device("cpu"), torch.float32, Backend(kind))
+    assert (model.rope_caches is not None) == (kind == "triton")
+    pages = -(-(prompt_len + 1) // page_size)
+    kv = KVPool(spec, batch * pages + 1, page_size, torch.float32, torch.device("cpu"))
+    tables = (torch.arange(batch * pages, dtype=torch.int32).view(batch, pages) + 1).flip(1).contiguous()
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, spec.vocab_size, (batch * prompt_len + batch,), generator=gen)
+    out = []
+    # prefill: prompt_len tokens per row
+    pos = torch.arange(prompt_len).repeat(batch)
+    rows = torch.arange(batch).repeat_interleave(prompt_len)
+    slots = tables[rows, pos // page_size].long() * page_size + pos % page_size
+    meta = AttentionMetadata(slot_mapping=slots, block_tables=tables,
+                             seq_lens=torch.full((batch,), prompt_len, dtype=torch.int32),
+                             cu_q_lens=torch.arange(0, batch * prompt_len + 1, prompt_len, dtype=torch.int32),
+                             max_q_len=prompt_len)
+    out.append(model.forward(ids[:batch * prompt_len], pos, meta, kv))
+    # one decode step
+    pos = torch.full((batch,), prompt_len)
+    slots = tables[torch.arange(batch), pos // page_size].long() * page_size + pos % page_size
+    meta = AttentionMetadata(slot_mapping=slots, block_tables=tables,
+                             seq_lens=torch.full((batch,), prompt_len + 1, dtype=torch.int32), cu_q_lens=None)
+    out.append(model.forward(ids[batch * prompt_len:], pos, meta, kv))
+    return out
+
+
+@pytest.mark.parametrize("preset", ["llama-tiny", "olmo2-tiny"])
+def test_triton_backend_with_fused_rope_matches_torch_backend(preset):
+    for got, want in zip(_run(preset, "triton"), _run(preset, "torch")):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("preset", ["llama-tiny", "olmo2-tiny"])
+def test_decode_step_launches_no_rope_glue(preset):
+    launches = _load_script("layer_launches")
+    fused, unfused = launches.per_layer(preset, True), launches.per_layer(preset, False)
+    glue = {"aten.cat", "aten.neg", "aten.cos", "aten.sin"}
+    assert not glue & set(launches.count(preset, True)), launches.count(preset, True)
+    assert fused["triton._store_kv_rope_kernel"] == 1 and fused["triton._store_kv_kernel"] == 0
+    # the per-op path pays 2 cat + 2 neg + 4 mul + 2 add per layer for the rotation
+    assert sum(fused.values()) == sum(unfused.values()) - 10
