@@ -22,6 +22,16 @@ from .loader import fused_state_dict, read_tensors
 from .ops import Backend
 
 
+def default_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
+    """The compute dtype when none is asked for: the checkpoint's, except that a float32 checkpoint
+    (what converting a GGUF file or an fp32 export gives) runs in bfloat16 on CUDA. The GPU path is
+    built for 16-bit weights (half the bytes per decode step, tensor-core attention), and every
+    supported family was trained in bf16; on the CPU float32 stays (the C++ ops are float32)."""
+    if torch.device(device).type == "cuda" and spec.dtype == torch.float32:
+        return torch.bfloat16
+    return spec.dtype
+
+
 class Transformer:
     def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], device: torch.device,
                  dtype: torch.dtype, backend: Backend):
@@ -65,7 +75,7 @@ class Transformer:
         """weights: "dense" reads model.safetensors; "gguf" (CPU, float32) keeps every quantized
         linear weight in the blocks of the GGUF file the directory was converted from (blocks.py)."""
         spec = load_spec(model_dir)
-        dtype = dtype or spec.dtype
+        dtype = dtype or default_dtype(spec, device)
         if weights == "dense":
             raw = read_tensors(Path(model_dir))
         elif weights == "gguf":

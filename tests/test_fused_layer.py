@@ -75,3 +75,12 @@ def test_decode_step_launches_no_rope_glue(preset):
     assert fused["triton._store_kv_rope_kernel"] == 1 and fused["triton._store_kv_kernel"] == 0
     # the per-op path pays 2 cat + 2 neg + 4 mul + 2 add per layer for the rotation
     assert sum(fused.values()) == sum(unfused.values()) - 10
+
+
+def test_float32_checkpoints_default_to_bf16_on_cuda_only():
+    from nudgefast.model import default_dtype
+    fp32 = spec_from_config(dict(SHAPES["llama-tiny"], torch_dtype="float32"))
+    fp16 = spec_from_config(dict(SHAPES["llama-tiny"], torch_dtype="float16"))
+    assert default_dtype(fp32, torch.device("cuda")) == torch.bfloat16
+    assert default_dtype(fp32, torch.device("cpu")) == torch.float32
+    assert default_dtype(fp16, torch.device("cuda")) == torch.float16  # a 16-bit checkpoint keeps its dtype

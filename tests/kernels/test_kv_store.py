@@ -192,3 +192,25 @@ def test_store_kv_rope_rejects_bad_tables():
     with pytest.raises(ValueError, match="even"):
         store_kv_rope(q[..., :15], k[..., :15], v[..., :15], pages[..., :15], pages[..., :15], slots, positions,
                       cos, sin)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_store_kv_rope_gpu_is_bit_exact(dtype):
+    # Exact on the GPU only because the kernel is compiled with enable_fp_fusion=False: with fused
+    # multiply-adds (Triton's default), x * cos + r * sin in fp32 would be rounded once instead of
+    # three times and differ from torch's separate ops in the last bit. bf16/fp16 round every step.
+    gen = torch.Generator().manual_seed(5)
+    n_tokens, n_q, n_kv, head_dim = 37, 32, 8, 128
+    fused = (4 * torch.randn(n_tokens, n_q + 2 * n_kv, head_dim, generator=gen)).to(dtype).cuda()
+    q, k, v = fused[:, :n_q], fused[:, n_q:n_q + n_kv], fused[:, n_q + n_kv:]
+    pages = torch.zeros(8, 16, n_kv, head_dim, dtype=dtype, device="cuda")
+    slots = torch.randperm(128, generator=gen)[:n_tokens].cuda()
+    positions = torch.randint(0, 4096, (n_tokens,), generator=gen).cuda()
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    cos, sin = rope_cache(inv_freq, 4096, dtype, "cuda")
+    q_ref, k_pages_ref, v_pages_ref = q.clone(), pages.clone(), pages.clone()
+    store_kv_rope_ref(q_ref, k.clone(), v.clone(), k_pages_ref, v_pages_ref, slots, positions, cos, sin)
+    k_pages, v_pages = pages.clone(), pages.clone()
+    store_kv_rope(q, k, v, k_pages, v_pages, slots, positions, cos, sin)
+    assert torch.equal(q, q_ref) and torch.equal(k_pages, k_pages_ref) and torch.equal(v_pages, v_pages_ref)
