@@ -40,18 +40,19 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
-from nudgefast.kernels import kv_store, paged_decode_attention as decode_mod  # noqa: E402
+from nudgefast.kernels import kv_store, norm, paged_decode_attention as decode_mod  # noqa: E402
 from nudgefast.kernels import paged_prefill_attention as prefill_mod  # noqa: E402
 from nudgefast.kernels import nudge_gate, sample, spec_accept  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"sm_80": GPUTarget("cuda", 80, 32), "sm_90": GPUTarget("cuda", 90, 32)}
 SM_COUNT = 132  # H100 SXM / H200: what the split-K choice of decode attention sees
-MODULES = (kv_store, decode_mod, prefill_mod, nudge_gate, sample, spec_accept)
+MODULES = (kv_store, norm, decode_mod, prefill_mod, nudge_gate, sample, spec_accept)
 
-# Kernels that must not spill on sm_90 at these head_dims (issue 13, item 2). head_dim 256 is
-# reported, not enforced.
-NO_SPILL = {"_decode_kernel", "_decode_merge_kernel", "_prefill_kernel", "_store_kv_kernel", "_store_kv_rope_kernel"}
+# Kernels that must not spill on sm_90 at these head_dims, or at all when they have no head_dim
+# (issue 13, item 2). head_dim 256 is reported, not enforced.
+NO_SPILL = {"_decode_kernel", "_decode_merge_kernel", "_prefill_kernel", "_store_kv_kernel", "_store_kv_rope_kernel",
+            "_add_rms_norm_kernel"}
 NO_SPILL_HEAD_DIMS = (64, 128)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -112,6 +113,12 @@ def call_store_rope(head_dim, n_kv, group, dtype, page_size):
                            torch.zeros(3, dtype=torch.int64), cos, sin)
 
 
+def call_norm(hidden, post, pre, dtype, weights="dt"):
+    h = torch.zeros(3, hidden, dtype=DTYPES[dtype])
+    w = torch.ones(hidden, dtype=DTYPES[dtype] if weights == "dt" else torch.float32)
+    norm.add_rms_norm(h, h.clone(), w if post else None, w if pre else None, 1e-6)
+
+
 def _gate_state(batch, vocab, stop_width, max_new):
     seeds = torch.zeros(batch, dtype=torch.int64)
     word_start = torch.zeros(vocab, dtype=torch.bool)
@@ -163,13 +170,17 @@ def call_accept(mode, word, sampler, dtype, k, vocab=1000, batch=2):
                             _cursor(batch), spec_accept.SpecStats.zeros(batch))
 
 
-# Full sweep of an attention family: every head_dim x GQA group x dtype x page size, and softcap /
-# window / split on and off at bf16 (they are constexpr switches independent of the dtype).
+# Full sweep of an attention family: every head_dim x GQA x page size (group 1 and 4 cover 1..8: the
+# group only enters as BLOCK_G / BLOCK_M = max(16, ...) and the "== 1" specialisation); the other
+# dtypes at head_dim 128; softcap and window (constexpr switches) at head_dim 128 and 256.
 def _attn_full(**extra):
-    return [dict(head_dim=[64, 128, 256], group=[1, 2, 4, 8], dtype=list(DTYPES), page_size=[16, 32], softcap=[0.0],
-                 window=[0], **{k: v[:1] for k, v in extra.items()}),
-            dict(head_dim=[64, 128, 256], group=[1, 8], dtype=["bf16"], page_size=[16, 32], softcap=[0.0, 50.0],
-                 window=[0, 4096], **extra)]
+    first = {k: v[:1] for k, v in extra.items()}
+    return [dict(head_dim=[64, 128, 256], group=[1, 4], dtype=["bf16"], page_size=[16, 32], softcap=[0.0],
+                 window=[0], **extra),
+            dict(head_dim=[128], group=[4], dtype=["fp16", "fp32"], page_size=[16], softcap=[0.0], window=[0],
+                 **extra),
+            dict(head_dim=[128, 256], group=[4], dtype=["bf16"], page_size=[16], softcap=[0.0, 50.0],
+                 window=[0, 4096], **first)]
 
 
 FAMILIES = [
@@ -183,21 +194,26 @@ FAMILIES = [
            ci=dict(head_dim=[64, 128, 256], group=[1, 8], dtype=["bf16"], page_size=[16], softcap=[0.0],
                    window=[0], q_len=[5, 512])),
     Family("KV store", call_store,
-           full=dict(head_dim=[64, 128, 256], n_kv=[1, 4, 8, 32], dtype=list(DTYPES), page_size=[16, 32]),
+           full=dict(head_dim=[64, 128, 256], n_kv=[1, 8, 32], dtype=list(DTYPES), page_size=[16, 32]),
            ci=dict(head_dim=[64, 128, 256], n_kv=[8, 32], dtype=["bf16"], page_size=[16])),
     Family("KV store + RoPE", call_store_rope,
-           full=dict(head_dim=[64, 128, 256], n_kv=[1, 8, 32], group=[1, 4, 8], dtype=list(DTYPES), page_size=[16, 32]),
+           full=dict(head_dim=[64, 128, 256], n_kv=[1, 8, 32], group=[1, 4], dtype=list(DTYPES), page_size=[16]),
            ci=dict(head_dim=[64, 128, 256], n_kv=[8, 32], group=[1, 4], dtype=["bf16"], page_size=[16])),
+    Family("residual add + RMSNorm", call_norm,
+           # hidden sizes: SmolLM2-135M 576, OLMo-2-1B 2048, Llama/OLMo-2-7B 4096, Gemma-2-9B 3584, 8192
+           full=[dict(hidden=[576, 2048, 3584, 4096, 8192], post=[False, True], pre=[False, True], dtype=list(DTYPES)),
+                 dict(hidden=[3584], post=[True], pre=[True], dtype=["bf16"], weights=["f32"])],
+           ci=dict(hidden=[4096], post=[False, True], pre=[True], dtype=["bf16"])),
     Family("nudge gate", call_gate,
-           full=dict(mode=list(_MODES), gate=[0, 1], word=[False, True], sampler=list(_SAMPLERS),
-                     dtype=list(DTYPES)),
+           full=[dict(mode=list(_MODES), gate=[0], word=[True], sampler=list(_SAMPLERS), dtype=["bf16"]),
+                 dict(mode=["nudging"], gate=[0, 1], word=[False, True], sampler=["greedy"], dtype=list(DTYPES))],
            ci=dict(mode=["nudging"], gate=[0], word=[True], sampler=["greedy", "nucleus"], dtype=["bf16"])),
     Family("sampler", call_sample,
            full=dict(sampler=list(_SAMPLERS), dtype=list(DTYPES)),
            ci=dict(sampler=["nucleus"], dtype=["bf16"])),
     Family("speculative accept", call_accept,
-           full=dict(mode=["nudging", "base_only"], word=[False, True], sampler=list(_SAMPLERS),
-                     dtype=list(DTYPES), k=[1, 4, 16]),
+           full=[dict(mode=["nudging", "base_only"], word=[True], sampler=list(_SAMPLERS), dtype=["bf16"], k=[1, 4, 16]),
+                 dict(mode=["nudging"], word=[False], sampler=["greedy"], dtype=list(DTYPES), k=[4])],
            ci=dict(mode=["nudging"], word=[True], sampler=["greedy"], dtype=["bf16"], k=[4])),
 ]
 
@@ -355,9 +371,9 @@ def problems(rows) -> list[str]:
         if r["error"]:
             out.append(f"compile failure: {r['target']} {r['kernel']} {r['constexprs']}: {r['error']}")
         elif (r["kernel"] in NO_SPILL and r["target"] == "sm_90" and r["stack"] > 0
-              and any(p.get("head_dim") in NO_SPILL_HEAD_DIMS for p in r["params"])):
+              and any(p.get("head_dim", NO_SPILL_HEAD_DIMS[0]) in NO_SPILL_HEAD_DIMS for p in r["params"])):
             out.append(f"spills on sm_90: {r['kernel']} {r['constexprs']} w{r['num_warps']}: "
-                       f"{r['stack']} stack bytes per thread (head_dim {sorted({p['head_dim'] for p in r['params']})})")
+                       f"{r['stack']} stack bytes per thread (shapes: {_summarise_params(r['params'])})")
     return out
 
 

@@ -1,12 +1,12 @@
 """Count the kernels one decode step launches per layer, from an op trace (no GPU needed).
 
 The model runs one decode step (batch 4) with the GPU backend's code path ("triton": fused RoPE +
-KV store, Triton attention) on CPU tensors: every Triton launch is counted (and not run), and every
+KV store, residual add + RMSNorm in one kernel, Triton attention) on CPU tensors: every Triton launch is counted (and not run), and every
 aten op that would launch a kernel is counted through a TorchDispatchMode (views, reshapes and other
-metadata-only ops are not kernels and are skipped). `--unfused` counts the same step with the
-per-op path (RoPE as torch glue, per-step rope tables: what the GPU path did before).
+metadata-only ops are not kernels and are skipped). It prints the same step with the per-op path too
+(RoPE and norms as torch glue, per-step rope tables: what the GPU path did before).
 
-    python scripts/layer_launches.py [--preset llama-tiny] [--unfused]
+    python scripts/layer_launches.py [--preset llama-tiny]
 
 "Per layer" is exact: a two-layer step minus a one-layer step; "outside" is a zero-layer step.
 aten ops are counted as dispatched on the CPU: a few (F.rms_norm, SDPA) may map to a different
@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from nudgefast.bench.presets import SHAPES  # noqa: E402
 from nudgefast.config import spec_from_config  # noqa: E402
-from nudgefast.kernels import kv_store, paged_decode_attention, paged_prefill_attention  # noqa: E402
+from nudgefast.kernels import kv_store, norm, paged_decode_attention, paged_prefill_attention  # noqa: E402
 from nudgefast.kv_cache import AttentionMetadata, KVPool  # noqa: E402
 from nudgefast.model import Transformer  # noqa: E402
 from nudgefast.ops import Backend  # noqa: E402
@@ -64,7 +64,7 @@ class _Launch:
 @contextlib.contextmanager
 def _triton_counted(counter):
     saved = []
-    for mod in (kv_store, paged_decode_attention, paged_prefill_attention):
+    for mod in (kv_store, norm, paged_decode_attention, paged_prefill_attention):
         for name in [n for n in vars(mod) if n.endswith("_kernel") and n.startswith("_")]:
             saved.append((mod, name, getattr(mod, name)))
             setattr(mod, name, _Launch(name, counter))
@@ -84,7 +84,7 @@ def _triton_counted(counter):
 def build(preset: str, fused: bool, dtype=torch.float32, batch=4, context=9, page_size=16):
     spec = spec_from_config(dict(SHAPES[preset]))
     backend = Backend("triton")
-    backend.fused_rope = fused
+    backend.fused_rope = fused  # False: the per-op glue (RoPE, rope tables, residual + norms) of before
     gen = torch.Generator().manual_seed(0)
     from nudgefast.bench.presets import planted_next_map, planted_weights
     weights = planted_weights(spec, 0, "cpu", dtype, planted_next_map(spec.vocab_size, 0))
@@ -122,8 +122,8 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="llama-tiny", choices=sorted(SHAPES))
     a = p.parse_args(argv)
     print(f"decode step of {a.preset} (batch 4): kernels launched (aten ops dispatched on the CPU + Triton launches)")
-    for fused, label in ((False, "before: RoPE as torch ops, rope tables per step"),
-                         (True, "after: RoPE inside the KV store, tables built once")):
+    for fused, label in ((False, "before: RoPE and residual norms as torch ops, rope tables per step"),
+                         (True, "after: RoPE inside the KV store, residual + norms fused, tables built once")):
         layer, rest = per_layer(a.preset, fused), count(a.preset, fused, 0)
         print(f"  {label}: {sum(layer.values())} per layer + {sum(rest.values())} per step outside the layer loop")
         print("     per layer: " + ", ".join(f"{n} {k}" for k, n in sorted(layer.items(), key=lambda x: (-x[1], x[0]))))

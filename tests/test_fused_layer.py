@@ -1,9 +1,9 @@
 """The GPU path's fused layer glue: RoPE inside the KV store (store_kv_rope) with rope tables built
-once. Held two ways on the CPU (Triton under the interpreter):
+once, and the residual add fused with the RMSNorms around it (kernels/norm.py). Held two ways on the CPU (Triton under the interpreter):
 
-- the model with the Triton backend (fused RoPE, Triton store and attention) gives the logits of
-  the torch backend (RoPE as torch ops, reference store and attention) for a prefill and a decode
-  step; fp32, tolerance 1e-4 (the attention kernels sum in another order than SDPA);
+- the model with the Triton backend (fused RoPE and residual norms, Triton store and attention) gives
+  the logits of the torch backend (the per-op path, reference store and attention) for a prefill and
+  a decode step, for all six families; fp32, tolerance 1e-4 (the kernels sum in another order);
 - counted from an op trace (scripts/layer_launches.py), a decode step launches no RoPE glue (no
   cat/neg/cos/sin) and fewer kernels per layer than the per-op path.
 """
@@ -30,8 +30,16 @@ def _load_script(name):
     return mod
 
 
+def _config(name):
+    """A bench preset, or a tiny_models family (its Hugging Face config, untied head for planting)."""
+    if name in SHAPES:
+        return dict(SHAPES[name])
+    from tiny_models import hf_config
+    return hf_config(name, 300, tie_word_embeddings=False).to_dict()
+
+
 def _run(preset, kind, prompt_len=6, batch=2, page_size=4):
-    spec = spec_from_config(dict(SHAPES[preset]))
+    spec = spec_from_config(_config(preset))
     weights = planted_weights(spec, 0, "cpu", torch.float32, planted_next_map(spec.vocab_size, 0))
     model = Transformer(spec, weights, torch.device("cpu"), torch.float32, Backend(kind))
     assert (model.rope_caches is not None) == (kind == "triton")
@@ -59,22 +67,27 @@ def _run(preset, kind, prompt_len=6, batch=2, page_size=4):
     return out
 
 
-@pytest.mark.parametrize("preset", ["llama-tiny", "olmo2-tiny"])
-def test_triton_backend_with_fused_rope_matches_torch_backend(preset):
+@pytest.mark.parametrize("preset", ["llama", "qwen2", "olmo", "olmo2", "gemma2", "gemma3"])
+def test_triton_backend_with_fused_glue_matches_torch_backend(preset):
+    # every family: pre-norm, post-norm, both (Gemma, float32 norm weights), weightless layer norm
+    # (OLMo: the per-op residual), two rope tables and sliding windows (Gemma 3)
     for got, want in zip(_run(preset, "triton"), _run(preset, "torch")):
         assert got.shape == want.shape
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("preset", ["llama-tiny", "olmo2-tiny"])
-def test_decode_step_launches_no_rope_glue(preset):
+def test_decode_step_launches_no_rope_or_residual_glue(preset):
     launches = _load_script("layer_launches")
     fused, unfused = launches.per_layer(preset, True), launches.per_layer(preset, False)
-    glue = {"aten.cat", "aten.neg", "aten.cos", "aten.sin"}
-    assert not glue & set(launches.count(preset, True)), launches.count(preset, True)
+    step = launches.count(preset, True)
+    assert not {"aten.cat", "aten.neg", "aten.cos", "aten.sin"} & set(step), step  # no RoPE glue, no tables
     assert fused["triton._store_kv_rope_kernel"] == 1 and fused["triton._store_kv_kernel"] == 0
-    # the per-op path pays 2 cat + 2 neg + 4 mul + 2 add per layer for the rotation
-    assert sum(fused.values()) == sum(unfused.values()) - 10
+    assert fused["triton._add_rms_norm_kernel"] == 2 and fused["aten.add"] == 0  # both residual steps fused
+    # the per-op path pays 2 cat + 2 neg + 4 mul + 2 add per layer for the rotation alone
+    assert sum(fused.values()) <= sum(unfused.values()) - 10
+    if preset == "llama-tiny":  # 4 GEMMs, store, attention, 2 residual steps, silu, mul: nothing else
+        assert sum(fused.values()) == 10, fused
 
 
 def test_float32_checkpoints_default_to_bf16_on_cuda_only():
