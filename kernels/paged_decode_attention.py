@@ -18,7 +18,10 @@ Rules, shared with paged_prefill_attention.py (which imports the helpers below):
 The Triton kernel is flash-decoding: one program per (row, kv head, split) loads each K/V tile
 once for the whole group of query heads sharing that kv head, keeps an online softmax in fp32, and
 (when there are few rows and heads to fill the GPU) splits the sequence into chunks whose partial
-results a second small kernel merges.
+results a second small kernel merges. With a power-of-two page of >= 16 slots each K/V tile is one
+page-aligned run of keys (kv_tile_size): one block-table read per tile, a scalar 64-bit page base and
+loop-invariant int32 offsets, which keeps the kernel free of register spills at head_dim 64-256
+(benchmarks/KERNELS.md). Odd page sizes look each key's page up.
 """
 import math
 import os
@@ -384,14 +387,15 @@ def _pick_num_splits(batch, n_kv_heads, max_keys, block_n, device):
     return max(1, min(by_occupancy, by_length, 32))
 
 
-def kv_tile_size(head_dim, page_size):
+def kv_tile_size(head_dim, page_size, cap=None):
     """(BLOCK_N, PAGED): keys per tile and whether each tile lies inside one page.
 
     A power-of-two page of >= 16 slots (every real pool) is read one page-aligned tile at a time
     (PAGED); odd page sizes fall back to a per-token page lookup. Wide heads take fewer keys per
-    tile to bound registers.
+    tile to bound registers; `cap` bounds it further (a power of two >= 16).
     """
-    cap = 64 if max(16, triton.next_power_of_2(head_dim)) <= 128 else 32
+    if cap is None:
+        cap = 64 if max(16, triton.next_power_of_2(head_dim)) <= 128 else 32
     if page_size >= 16 and page_size & (page_size - 1) == 0:
         return min(cap, page_size), True
     return cap, False

@@ -229,18 +229,22 @@ def _use_triton(t):
     return HAS_TRITON and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def prefill_launch_config(head_dim, group, page_size, max_q_len):
+def prefill_launch_config(head_dim, group, page_size, max_q_len, dtype=torch.bfloat16):
     """Constexprs and warps of _prefill_kernel for a model shape and chunk length (one place, also read
     by scripts/kernel_report.py through the launcher)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
+    # float32 takes exact ("ieee") products, which run as FMA loops with every operand in registers,
+    # not on tensor cores: half the rows, 16 keys per tile and 8 warps from 64 x 128 keep it from
+    # spilling (checked by scripts/kernel_report.py).
+    fp32 = dtype == torch.float32
     # Rows are (token, head of the group) pairs. Fit the tile to the chunk: a 5-token verify with
     # group 4 needs 32 rows, a prefill gets 128 (64 for wide heads, to bound registers).
-    row_cap = 128 if block_d <= 128 else 64
+    row_cap = (128 if block_d <= 128 else 64) // (2 if fp32 else 1)
     block_m = min(row_cap, max(16, triton.next_power_of_2(max_q_len * group)))
     block_m = max(block_m, triton.next_power_of_2(group))
-    block_n, paged = kv_tile_size(head_dim, page_size)
+    block_n, paged = kv_tile_size(head_dim, page_size, cap=16 if fp32 else None)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PAGED=paged, EVEN_D=block_d == head_dim,
-                num_warps=8 if block_m * block_d >= 128 * 128 else 4)
+                num_warps=8 if block_m * block_d >= (64 * 128 if fp32 else 128 * 128) else 4)
 
 
 def paged_prefill_attention(q, k_pages, v_pages, block_tables, seq_lens, cu_q_lens, scale,
@@ -273,7 +277,7 @@ def paged_prefill_attention(q, k_pages, v_pages, block_tables, seq_lens, cu_q_le
     if max_q_len == 0:
         return out
 
-    cfg = prefill_launch_config(head_dim, group, page_size, max_q_len)
+    cfg = prefill_launch_config(head_dim, group, page_size, max_q_len, q.dtype)
     tokens_per_block = cfg["BLOCK_M"] // group
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     grid = (batch, triton.cdiv(max_q_len, tokens_per_block), n_kv_heads)
