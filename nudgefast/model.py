@@ -62,11 +62,16 @@ class Transformer:
                 "rope": spec.layer_rope[i],
             })
         self.inv_freqs = [r.inv_freq(spec.head_dim).to(device) for r in spec.ropes]
-        # Residual add + RMSNorms in one launch (kernels/norm.py): the GPU path (the Triton backend).
+        # Residual add + RMSNorms in one launch (kernels/norm.py) and the MLP's act(gate) * up in one
+        # (kernels/activation.py): the GPU path (the Triton backend).
         self.fused_norm = backend.fused_rope and spec.norm_kind in ("rms", "rms_gemma")
+        self.fused_act = backend.fused_rope
         if self.fused_norm:
             from .kernels.norm import add_rms_norm
             self._add_rms_norm = add_rms_norm
+        if self.fused_act:
+            from .kernels.activation import act_mul
+            self._act_mul = act_mul
         self.rope_caches = None
         if backend.fused_rope:
             # With the fused RoPE + KV store (GPU), the cos/sin tables of every position are built
@@ -180,9 +185,14 @@ class Transformer:
             a = self._linear(a.reshape(T, H * D), L["o"], L["o_bias"])
             h, x = self._residual(h, a, L["attn_post_norm"], pre, L["mlp_pre_norm"])
             # --- MLP block
-            gate, up = self._linear(x, L["gate_up"], L["gate_up_bias"]).chunk(2, dim=-1)
-            act = F.silu(gate) if spec.activation == "silu" else F.gelu(gate, approximate="tanh")
-            m = self._linear(act * up, L["down"], L["down_bias"])
+            gate_up = self._linear(x, L["gate_up"], L["gate_up_bias"])
+            if self.fused_act:  # GPU path: act(gate) * up in one launch (kernels/activation.py)
+                hidden = self._act_mul(gate_up, spec.activation)
+            else:
+                gate, up = gate_up.chunk(2, dim=-1)
+                act = F.silu(gate) if spec.activation == "silu" else F.gelu(gate, approximate="tanh")
+                hidden = act * up
+            m = self._linear(hidden, L["down"], L["down_bias"])
             last = i + 1 == len(self.layers)
             h, x = self._residual(h, m, L["mlp_post_norm"], pre and not last,
                                   None if last else self.layers[i + 1]["attn_pre_norm"])

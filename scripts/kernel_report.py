@@ -40,19 +40,19 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
-from nudgefast.kernels import kv_store, norm, paged_decode_attention as decode_mod  # noqa: E402
+from nudgefast.kernels import activation, kv_store, norm, paged_decode_attention as decode_mod  # noqa: E402
 from nudgefast.kernels import paged_prefill_attention as prefill_mod  # noqa: E402
 from nudgefast.kernels import nudge_gate, sample, spec_accept  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"sm_80": GPUTarget("cuda", 80, 32), "sm_90": GPUTarget("cuda", 90, 32)}
 SM_COUNT = 132  # H100 SXM / H200: what the split-K choice of decode attention sees
-MODULES = (kv_store, norm, decode_mod, prefill_mod, nudge_gate, sample, spec_accept)
+MODULES = (activation, kv_store, norm, decode_mod, prefill_mod, nudge_gate, sample, spec_accept)
 
 # Kernels that must not spill on sm_90 at these head_dims, or at all when they have no head_dim
 # (issue 13, item 2). head_dim 256 is reported, not enforced.
 NO_SPILL = {"_decode_kernel", "_decode_merge_kernel", "_prefill_kernel", "_store_kv_kernel", "_store_kv_rope_kernel",
-            "_add_rms_norm_kernel"}
+            "_add_rms_norm_kernel", "_act_mul_kernel"}
 NO_SPILL_HEAD_DIMS = (64, 128)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -117,6 +117,10 @@ def call_norm(hidden, post, pre, dtype, weights="dt"):
     h = torch.zeros(3, hidden, dtype=DTYPES[dtype])
     w = torch.ones(hidden, dtype=DTYPES[dtype] if weights == "dt" else torch.float32)
     norm.add_rms_norm(h, h.clone(), w if post else None, w if pre else None, 1e-6)
+
+
+def call_act(inter, act, dtype):
+    activation.act_mul(torch.zeros(3, 2 * inter, dtype=DTYPES[dtype]), act)
 
 
 def _gate_state(batch, vocab, stop_width, max_new):
@@ -204,6 +208,10 @@ FAMILIES = [
            full=[dict(hidden=[576, 2048, 3584, 4096, 8192], post=[False, True], pre=[False, True], dtype=list(DTYPES)),
                  dict(hidden=[3584], post=[True], pre=[True], dtype=["bf16"], weights=["f32"])],
            ci=dict(hidden=[4096], post=[False, True], pre=[True], dtype=["bf16"])),
+    Family("MLP act(gate) * up", call_act,
+           # intermediate sizes: OLMo-2-1B 8192, 7B 11008, Llama-3-8B 14336, Gemma-2-9B 14336
+           full=dict(inter=[8192, 11008, 14336], act=["silu", "gelu_tanh"], dtype=list(DTYPES)),
+           ci=dict(inter=[11008], act=["silu"], dtype=["bf16"])),
     Family("nudge gate", call_gate,
            full=[dict(mode=list(_MODES), gate=[0], word=[True], sampler=list(_SAMPLERS), dtype=["bf16"]),
                  dict(mode=["nudging"], gate=[0, 1], word=[False, True], sampler=["greedy"], dtype=list(DTYPES))],

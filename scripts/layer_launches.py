@@ -1,7 +1,7 @@
 """Count the kernels one decode step launches per layer, from an op trace (no GPU needed).
 
 The model runs one decode step (batch 4) with the GPU backend's code path ("triton": fused RoPE +
-KV store, residual add + RMSNorm in one kernel, Triton attention) on CPU tensors: every Triton launch is counted (and not run), and every
+KV store, residual add + RMSNorm in one kernel, act(gate) * up in one kernel, Triton attention) on CPU tensors: every Triton launch is counted (and not run), and every
 aten op that would launch a kernel is counted through a TorchDispatchMode (views, reshapes and other
 metadata-only ops are not kernels and are skipped). It prints the same step with the per-op path too
 (RoPE and norms as torch glue, per-step rope tables: what the GPU path did before).
@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from nudgefast.bench.presets import SHAPES  # noqa: E402
 from nudgefast.config import spec_from_config  # noqa: E402
-from nudgefast.kernels import kv_store, norm, paged_decode_attention, paged_prefill_attention  # noqa: E402
+from nudgefast.kernels import activation, kv_store, norm, paged_decode_attention, paged_prefill_attention  # noqa: E402
 from nudgefast.kv_cache import AttentionMetadata, KVPool  # noqa: E402
 from nudgefast.model import Transformer  # noqa: E402
 from nudgefast.ops import Backend  # noqa: E402
@@ -64,7 +64,7 @@ class _Launch:
 @contextlib.contextmanager
 def _triton_counted(counter):
     saved = []
-    for mod in (kv_store, norm, paged_decode_attention, paged_prefill_attention):
+    for mod in (activation, kv_store, norm, paged_decode_attention, paged_prefill_attention):
         for name in [n for n in vars(mod) if n.endswith("_kernel") and n.startswith("_")]:
             saved.append((mod, name, getattr(mod, name)))
             setattr(mod, name, _Launch(name, counter))
@@ -122,8 +122,8 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="llama-tiny", choices=sorted(SHAPES))
     a = p.parse_args(argv)
     print(f"decode step of {a.preset} (batch 4): kernels launched (aten ops dispatched on the CPU + Triton launches)")
-    for fused, label in ((False, "before: RoPE and residual norms as torch ops, rope tables per step"),
-                         (True, "after: RoPE inside the KV store, residual + norms fused, tables built once")):
+    for fused, label in ((False, "before: RoPE, residual + norms and act * up as torch ops, rope tables per step"),
+                         (True, "after: RoPE inside the KV store, residual + norms fused, act * up fused, tables built once")):
         layer, rest = per_layer(a.preset, fused), count(a.preset, fused, 0)
         print(f"  {label}: {sum(layer.values())} per layer + {sum(rest.values())} per step outside the layer loop")
         print("     per layer: " + ", ".join(f"{n} {k}" for k, n in sorted(layer.items(), key=lambda x: (-x[1], x[0]))))
