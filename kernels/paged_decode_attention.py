@@ -401,12 +401,14 @@ def kv_tile_size(head_dim, page_size, cap=None):
     return cap, False
 
 
-def decode_launch_config(head_dim, group, page_size):
+def decode_launch_config(head_dim, group, page_size, dtype=torch.bfloat16):
     """Constexprs and warps of _decode_kernel that depend on the model's shape (one place, also read
     by scripts/kernel_report.py through the launcher)."""
     # tl.dot wants every dim >= 16.
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block_n, paged = kv_tile_size(head_dim, page_size)
+    # float32's exact products run as FMA loops with the operands in registers: 16-key tiles at most
+    # (32 x 256 spilled on sm_80).
+    block_n, paged = kv_tile_size(head_dim, page_size, cap=16 if dtype == torch.float32 else None)
     return dict(BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d, PAGED=paged,
                 EVEN_D=block_d == head_dim, num_warps=4)
 
@@ -434,7 +436,7 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, seq_lens, scale, w
     if batch == 0 or n_q_heads == 0:
         return out
 
-    cfg = decode_launch_config(head_dim, group, page_size)
+    cfg = decode_launch_config(head_dim, group, page_size, q.dtype)
     block_d, block_n = cfg["BLOCK_D"], cfg["BLOCK_N"]
     if num_splits is None:
         # (the split rule counts keys in units of 64, 32 for wide heads, whatever the tile)

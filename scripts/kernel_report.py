@@ -407,16 +407,41 @@ def write_markdown(rows, path: Path, command: str, append: bool = False):
         "bytes per thread (register spills; 0 = none); `smem`: shared memory per program (bytes, Triton's",
         "allocation). From `cuobjdump --dump-resource-usage` on the cubin.",
         "",
-        "| target | kernel | constexprs | warps | regs | stack | smem | model shapes |",
-        "|---|---|---|---|---|---|---|---|",
     ]
+    lines += _summary(rows)
+    lines += ["", "## Every compile", "",
+              "| target | kernel | constexprs | warps | regs | stack | smem | model shapes |",
+              "|---|---|---|---|---|---|---|---|"]
     lines += _table_rows(rows)
     path.write_text("\n".join(lines) + "\n")
 
 
+def _summary(rows):
+    """Most registers / stack bytes per kernel and target, by head_dim where the kernel has one."""
+    out = ["## Summary: most registers / stack bytes per thread over all configurations", "",
+           "| kernel | target | head_dim 64 | head_dim 128 | head_dim 256 | (no head_dim) |", "|---|---|---|---|---|---|"]
+    order = [f.name for f in FAMILIES]
+    seen = {}
+    for r in rows:
+        if r["error"]:
+            continue
+        for p in r["params"]:
+            key = (order.index(r["family"]), r["kernel"], r["target"])
+            cell = seen.setdefault(key, {})
+            hd = p.get("head_dim")
+            regs, stack = cell.get(hd, (0, 0))
+            cell[hd] = (max(regs, r["registers"]), max(stack, r["stack"]))
+    for (_, kernel, target), cell in sorted(seen.items()):
+        fmt = lambda hd: "-" if hd not in cell else f"{cell[hd][0]} / {cell[hd][1]}"  # noqa: E731
+        out.append(f"| `{kernel}` | {target} | {fmt(64)} | {fmt(128)} | {fmt(256)} | {fmt(None)} |")
+    return out
+
+
 def _table_rows(rows):
     lines = []
-    for r in sorted(rows, key=lambda r: (r["family"], r["kernel"], r["target"], json.dumps(r["constexprs"], default=str))):
+    order = [f.name for f in FAMILIES]
+    for r in sorted(rows, key=lambda r: (order.index(r["family"]), r["kernel"], r["target"],
+                                         json.dumps(r["constexprs"], default=str))):
         c = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items())
         shapes = _summarise_params(r["params"])
         if r["error"]:
@@ -452,8 +477,9 @@ def main(argv=None):
         Path(a.json).write_text(json.dumps(dict(rows=rows, problems=bad), indent=1, default=str))
     md = a.markdown or (str(ROOT / "benchmarks" / "KERNELS.md") if a.subset == "full" and not a.family else None)
     if md and not a.no_markdown:
-        write_markdown(rows, Path(md), "python " + " ".join(["scripts/kernel_report.py"] + list(argv if argv is not None else sys.argv[1:])),
-                       append=a.append)
+        args = list(argv if argv is not None else sys.argv[1:])
+        shown = [x for i, x in enumerate(args) if x != "--json" and (i == 0 or args[i - 1] != "--json")]
+        write_markdown(rows, Path(md), "python " + " ".join(["scripts/kernel_report.py"] + shown), append=a.append)
     print(f"{len(rows)} compiles in {time.time() - t0:.0f}s; {len(bad)} problems")
     for b in bad:
         print("PROBLEM:", b)
