@@ -24,6 +24,7 @@ import itertools
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -479,7 +480,7 @@ def main(argv=None):
     if md and not a.no_markdown:
         args = list(argv if argv is not None else sys.argv[1:])
         shown = [x for i, x in enumerate(args) if x != "--json" and (i == 0 or args[i - 1] != "--json")]
-        write_markdown(rows, Path(md), "python " + " ".join(["scripts/kernel_report.py"] + shown), append=a.append)
+        write_markdown(rows, Path(md), "python " + shlex.join(["scripts/kernel_report.py"] + shown), append=a.append)
     print(f"{len(rows)} compiles in {time.time() - t0:.0f}s; {len(bad)} problems")
     for b in bad:
         print("PROBLEM:", b)
