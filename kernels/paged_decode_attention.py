@@ -18,7 +18,10 @@ Rules, shared with paged_prefill_attention.py (which imports the helpers below):
 The Triton kernel is flash-decoding: one program per (row, kv head, split) loads each K/V tile
 once for the whole group of query heads sharing that kv head, keeps an online softmax in fp32, and
 (when there are few rows and heads to fill the GPU) splits the sequence into chunks whose partial
-results a second small kernel merges.
+results a second small kernel merges. With a power-of-two page of >= 16 slots each K/V tile is one
+page-aligned run of keys (kv_tile_size): one block-table read per tile, a scalar 64-bit page base and
+loop-invariant int32 offsets, which keeps the kernel free of register spills at head_dim 64-256
+(benchmarks/KERNELS.md). Odd page sizes look each key's page up.
 """
 import math
 import os
@@ -213,6 +216,32 @@ if HAS_TRITON:
         return tl.dot(a, b, input_precision=DOT_PRECISION)
 
     @triton.jit
+    def _kv_tile(pages_ptr, bt_row, stride_btp, page_size, tile, kv_head, n, d, lo, hi, d_mask,
+                 stride_pp, stride_ps, stride_ph, stride_pd, tile_offs, PAGED: tl.constexpr, EVEN_D: tl.constexpr):
+        """Keys (or values) at positions tile + n, [BLOCK_N, BLOCK_D]; positions outside [lo, hi) read 0.
+
+        PAGED: the tile lies inside one page (page_size is a multiple of BLOCK_N and the tile starts on
+        a multiple of BLOCK_N), so one block-table read gives a scalar 64-bit base pointer and the
+        element offsets are the loop-invariant int32 `tile_offs`: no per-token page lookup and no
+        64-bit pointer per element (which is what made this kernel spill at head_dim 128). Otherwise
+        (odd page sizes) each position looks its page up.
+        """
+        pos = tile + n
+        valid = (pos >= lo) & (pos < hi)
+        if EVEN_D:
+            mask = valid[:, None]
+        else:
+            mask = valid[:, None] & d_mask[None, :]
+        if PAGED:
+            page = tl.load(bt_row + (tile // page_size) * stride_btp).to(tl.int64)
+            base = pages_ptr + page * stride_pp + kv_head * stride_ph + (tile % page_size) * stride_ps
+            return tl.load(base + tile_offs, mask=mask, other=0.0)
+        page = tl.load(bt_row + (pos // page_size) * stride_btp, mask=valid, other=0).to(tl.int64)
+        offset = pos % page_size
+        return tl.load(pages_ptr + page[:, None] * stride_pp + offset[:, None] * stride_ps + kv_head * stride_ph
+                       + d[None, :] * stride_pd, mask=mask, other=0.0)
+
+    @triton.jit
     def _decode_kernel(
         q_ptr, k_pages_ptr, v_pages_ptr, block_tables_ptr, seq_lens_ptr,
         out_ptr, part_acc_ptr, part_ml_ptr,
@@ -224,6 +253,7 @@ if HAS_TRITON:
         stride_ob, stride_oh, stride_od,
         USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, WRITE_PARTIAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
         UPCAST_DOT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        PAGED: tl.constexpr, EVEN_D: tl.constexpr,
     ):
         LOG2E: tl.constexpr = 1.4426950408889634
         row = tl.program_id(0)
@@ -235,10 +265,12 @@ if HAS_TRITON:
         kv_lo = 0
         if USE_WINDOW:
             kv_lo = tl.maximum(seq_len - window, 0)
-        # This split's share, in whole BLOCK_N tiles so splits never straddle a tile.
-        n_tiles = tl.cdiv(seq_len - kv_lo, BLOCK_N)
+        # Tiles start on multiples of BLOCK_N (so that a PAGED tile never straddles a page); the first
+        # one masks the keys before kv_lo. A split takes whole tiles.
+        first = kv_lo - kv_lo % BLOCK_N
+        n_tiles = tl.cdiv(seq_len - first, BLOCK_N)
         tiles_per_split = tl.cdiv(n_tiles, num_splits)
-        start = kv_lo + split * tiles_per_split * BLOCK_N
+        start = first + split * tiles_per_split * BLOCK_N
         end = tl.minimum(seq_len, start + tiles_per_split * BLOCK_N)
 
         # The group of query heads that share this kv head: the K/V tiles are loaded once for all.
@@ -254,28 +286,26 @@ if HAS_TRITON:
         l = tl.zeros([BLOCK_G], tl.float32)  # running sum of exp2(score - m)
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
         bt_row = block_tables_ptr + row.to(tl.int64) * stride_btb
+        n = tl.arange(0, BLOCK_N)
+        k_offs = n[:, None] * stride_kps + d[None, :] * stride_kpd  # int32, one page at most
+        v_offs = n[:, None] * stride_vps + d[None, :] * stride_vpd
         for tile in range(start, end, BLOCK_N):
-            pos = tile + tl.arange(0, BLOCK_N)
-            valid = pos < end
-            # Per-token page lookup: any page_size works and the tile is always full.
-            page = tl.load(bt_row + (pos // page_size) * stride_btp, mask=valid, other=0).to(tl.int64)
-            offset = pos % page_size
-            kv_mask = valid[:, None] & d_mask[None, :]
-            k = tl.load(k_pages_ptr + page[:, None] * stride_kpp + offset[:, None] * stride_kps
-                        + kv_head * stride_kph + d[None, :] * stride_kpd, mask=kv_mask, other=0.0)
+            k = _kv_tile(k_pages_ptr, bt_row, stride_btp, page_size, tile, kv_head, n, d, kv_lo, end, d_mask,
+                         stride_kpp, stride_kps, stride_kph, stride_kpd, k_offs, PAGED, EVEN_D)
             s = dot_f32(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT)  # [BLOCK_G, BLOCK_N] fp32
             if USE_SOFTCAP:
                 s = softcap * tanh_f32(s * (scale / softcap)) * LOG2E
             else:
                 s = s * (scale * LOG2E)
-            s = tl.where(valid[None, :], s, float("-inf"))
-            # Every tile holds >= 1 valid key (tile < end), so m_new is finite.
+            pos = tile + n
+            s = tl.where(((pos >= kv_lo) & (pos < end))[None, :], s, float("-inf"))
+            # Every tile holds >= 1 visible key (kv_lo < end and tile < end), so m_new is finite.
             m_new = tl.maximum(m, tl.max(s, axis=1))
             alpha = tl.exp2(m - m_new)
             p = tl.exp2(s - m_new[:, None])
             l = l * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_pages_ptr + page[:, None] * stride_vpp + offset[:, None] * stride_vps
-                        + kv_head * stride_vph + d[None, :] * stride_vpd, mask=kv_mask, other=0.0)
+            v = _kv_tile(v_pages_ptr, bt_row, stride_btp, page_size, tile, kv_head, n, d, kv_lo, end, d_mask,
+                         stride_vpp, stride_vps, stride_vph, stride_vpd, v_offs, PAGED, EVEN_D)
             acc = acc * alpha[:, None] + dot_f32(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
             m = m_new
 
@@ -357,6 +387,32 @@ def _pick_num_splits(batch, n_kv_heads, max_keys, block_n, device):
     return max(1, min(by_occupancy, by_length, 32))
 
 
+def kv_tile_size(head_dim, page_size, cap=None):
+    """(BLOCK_N, PAGED): keys per tile and whether each tile lies inside one page.
+
+    A power-of-two page of >= 16 slots (every real pool) is read one page-aligned tile at a time
+    (PAGED); odd page sizes fall back to a per-token page lookup. Wide heads take fewer keys per
+    tile to bound registers; `cap` bounds it further (a power of two >= 16).
+    """
+    if cap is None:
+        cap = 64 if max(16, triton.next_power_of_2(head_dim)) <= 128 else 32
+    if page_size >= 16 and page_size & (page_size - 1) == 0:
+        return min(cap, page_size), True
+    return cap, False
+
+
+def decode_launch_config(head_dim, group, page_size, dtype=torch.bfloat16):
+    """Constexprs and warps of _decode_kernel that depend on the model's shape (one place, also read
+    by scripts/kernel_report.py through the launcher)."""
+    # tl.dot wants every dim >= 16.
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    # float32's exact products run as FMA loops with the operands in registers: 16-key tiles at most
+    # (32 x 256 spilled on sm_80).
+    block_n, paged = kv_tile_size(head_dim, page_size, cap=16 if dtype == torch.float32 else None)
+    return dict(BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d, PAGED=paged,
+                EVEN_D=block_d == head_dim, num_warps=4)
+
+
 def paged_decode_attention(q, k_pages, v_pages, block_tables, seq_lens, scale, window=0,
                            softcap=0.0, *, num_splits=None):
     """Decode attention for one new token per row; see the module docstring for the rules.
@@ -380,13 +436,12 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, seq_lens, scale, w
     if batch == 0 or n_q_heads == 0:
         return out
 
-    # tl.dot wants every dim >= 16; the tile of keys shrinks for wide heads to bound registers.
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    block_g = max(16, triton.next_power_of_2(group))
-    block_n = 64 if block_d <= 128 else 32
+    cfg = decode_launch_config(head_dim, group, page_size, q.dtype)
+    block_d, block_n = cfg["BLOCK_D"], cfg["BLOCK_N"]
     if num_splits is None:
+        # (the split rule counts keys in units of 64, 32 for wide heads, whatever the tile)
         num_splits = _pick_num_splits(batch, n_kv_heads, block_tables.shape[1] * page_size,
-                                      block_n, q.device)
+                                      64 if block_d <= 128 else 32, q.device)
     if not isinstance(num_splits, int) or num_splits < 1:
         raise ValueError(f"paged_decode_attention: num_splits must be an int >= 1, got {num_splits!r}")
     split = num_splits > 1
@@ -405,7 +460,7 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, seq_lens, scale, w
         float(scale), float(softcap), window, group, head_dim, page_size, num_splits,
         *q.stride(), *k_pages.stride(), *v_pages.stride(), *block_tables.stride(), *out.stride(),
         USE_SOFTCAP=softcap > 0, USE_WINDOW=window > 0, WRITE_PARTIAL=split, DOT_PRECISION=precision, UPCAST_DOT=upcast,
-        BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4,
+        **cfg,
     )
     if split:
         _decode_merge_kernel[(batch, n_q_heads)](

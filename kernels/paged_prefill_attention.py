@@ -22,13 +22,14 @@ from nudgefast.kernels.paged_decode_attention import (
     dense_attention,
     gather_kv_pages,
     interpreter_needs_upcast,
+    kv_tile_size,
 )
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from nudgefast.kernels.paged_decode_attention import dot_f32, tanh_f32
+    from nudgefast.kernels.paged_decode_attention import _kv_tile, dot_f32, tanh_f32
 
 # Chunks up to this many queries per sequence (speculative verify, short appends) are attended for
 # the whole batch at once, padded to the longest chunk; longer chunks (prompt prefill) go one
@@ -150,6 +151,7 @@ if HAS_TRITON:
         stride_ot, stride_oh, stride_od,
         USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
         UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        PAGED: tl.constexpr, EVEN_D: tl.constexpr,
     ):
         LOG2E: tl.constexpr = 1.4426950408889634
         seq = tl.program_id(0)
@@ -188,21 +190,20 @@ if HAS_TRITON:
             l = tl.zeros([BLOCK_M], tl.float32)
             acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
             bt_row = block_tables_ptr + seq.to(tl.int64) * stride_btb
-            for tile in range(kv_lo, kv_hi, BLOCK_N):
-                pos = tile + tl.arange(0, BLOCK_N)
-                kv_valid = pos < kv_hi
-                page = tl.load(bt_row + (pos // page_size) * stride_btp, mask=kv_valid,
-                               other=0).to(tl.int64)
-                offset = pos % page_size
-                kv_mask = kv_valid[:, None] & d_mask[None, :]
-                k = tl.load(k_pages_ptr + page[:, None] * stride_kpp + offset[:, None] * stride_kps
-                            + kv_head * stride_kph + d[None, :] * stride_kpd, mask=kv_mask, other=0.0)
+            n = tl.arange(0, BLOCK_N)
+            k_offs = n[:, None] * stride_kps + d[None, :] * stride_kpd  # int32, one page at most
+            v_offs = n[:, None] * stride_vps + d[None, :] * stride_vpd
+            # Tiles start on multiples of BLOCK_N, so a PAGED tile lies inside one page (_kv_tile).
+            for tile in range(kv_lo - kv_lo % BLOCK_N, kv_hi, BLOCK_N):
+                k = _kv_tile(k_pages_ptr, bt_row, stride_btp, page_size, tile, kv_head, n, d, kv_lo, kv_hi,
+                             d_mask, stride_kpp, stride_kps, stride_kph, stride_kpd, k_offs, PAGED, EVEN_D)
                 s = dot_f32(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT)  # [BLOCK_M, BLOCK_N]
                 if USE_SOFTCAP:
                     s = softcap * tanh_f32(s * (scale / softcap)) * LOG2E
                 else:
                     s = s * (scale * LOG2E)
-                visible = kv_valid[None, :] & (pos[None, :] <= q_pos[:, None])
+                pos = tile + n
+                visible = (pos < kv_hi)[None, :] & (pos[None, :] <= q_pos[:, None])
                 if USE_WINDOW:
                     visible = visible & (pos[None, :] > q_pos[:, None] - window)
                 s = tl.where(visible, s, float("-inf"))
@@ -213,8 +214,8 @@ if HAS_TRITON:
                 alpha = tl.exp2(m - m_safe)
                 p = tl.exp2(s - m_safe[:, None])
                 l = l * alpha + tl.sum(p, axis=1)
-                v = tl.load(v_pages_ptr + page[:, None] * stride_vpp + offset[:, None] * stride_vps
-                            + kv_head * stride_vph + d[None, :] * stride_vpd, mask=kv_mask, other=0.0)
+                v = _kv_tile(v_pages_ptr, bt_row, stride_btp, page_size, tile, kv_head, n, d, kv_lo, kv_hi,
+                             d_mask, stride_vpp, stride_vps, stride_vph, stride_vpd, v_offs, PAGED, EVEN_D)
                 acc = acc * alpha[:, None] + dot_f32(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
                 m = m_new
 
@@ -226,6 +227,24 @@ if HAS_TRITON:
 
 def _use_triton(t):
     return HAS_TRITON and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def prefill_launch_config(head_dim, group, page_size, max_q_len, dtype=torch.bfloat16):
+    """Constexprs and warps of _prefill_kernel for a model shape and chunk length (one place, also read
+    by scripts/kernel_report.py through the launcher)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    # float32 takes exact ("ieee") products, which run as FMA loops with every operand in registers,
+    # not on tensor cores: half the rows, 16 keys per tile and 8 warps from 64 x 128 keep it from
+    # spilling (checked by scripts/kernel_report.py).
+    fp32 = dtype == torch.float32
+    # Rows are (token, head of the group) pairs. Fit the tile to the chunk: a 5-token verify with
+    # group 4 needs 32 rows, a prefill gets 128 (64 for wide heads, to bound registers).
+    row_cap = (128 if block_d <= 128 else 64) // (2 if fp32 else 1)
+    block_m = min(row_cap, max(16, triton.next_power_of_2(max_q_len * group)))
+    block_m = max(block_m, triton.next_power_of_2(group))
+    block_n, paged = kv_tile_size(head_dim, page_size, cap=16 if fp32 else None)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PAGED=paged, EVEN_D=block_d == head_dim,
+                num_warps=8 if block_m * block_d >= (64 * 128 if fp32 else 128 * 128) else 4)
 
 
 def paged_prefill_attention(q, k_pages, v_pages, block_tables, seq_lens, cu_q_lens, scale,
@@ -258,15 +277,8 @@ def paged_prefill_attention(q, k_pages, v_pages, block_tables, seq_lens, cu_q_le
     if max_q_len == 0:
         return out
 
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    # Rows are (token, head of the group) pairs. Fit the tile to the chunk: a 5-token verify with
-    # group 4 needs 32 rows, a prefill gets 128 (64 for wide heads, to bound registers).
-    row_cap = 128 if block_d <= 128 else 64
-    block_m = min(row_cap, max(16, triton.next_power_of_2(max_q_len * group)))
-    block_m = max(block_m, triton.next_power_of_2(group))
-    tokens_per_block = block_m // group
-    block_n = 64 if block_d <= 128 else 32
-    num_warps = 8 if block_m * block_d >= 128 * 128 else 4
+    cfg = prefill_launch_config(head_dim, group, page_size, max_q_len, q.dtype)
+    tokens_per_block = cfg["BLOCK_M"] // group
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     grid = (batch, triton.cdiv(max_q_len, tokens_per_block), n_kv_heads)
     _prefill_kernel[grid](
@@ -274,6 +286,6 @@ def paged_prefill_attention(q, k_pages, v_pages, block_tables, seq_lens, cu_q_le
         float(scale), float(softcap), window, group, head_dim, page_size, tokens_per_block,
         *q.stride(), *k_pages.stride(), *v_pages.stride(), *block_tables.stride(), *out.stride(),
         USE_SOFTCAP=softcap > 0, USE_WINDOW=window > 0, DOT_PRECISION=precision, UPCAST_DOT=interpreter_needs_upcast(q),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
+        **cfg,
     )
     return out

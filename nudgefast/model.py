@@ -22,6 +22,16 @@ from .loader import fused_state_dict, read_tensors
 from .ops import Backend
 
 
+def default_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
+    """The compute dtype when none is asked for: the checkpoint's, except that a float32 checkpoint
+    (what converting a GGUF file or an fp32 export gives) runs in bfloat16 on CUDA. The GPU path is
+    built for 16-bit weights (half the bytes per decode step, tensor-core attention), and every
+    supported family was trained in bf16; on the CPU float32 stays (the C++ ops are float32)."""
+    if torch.device(device).type == "cuda" and spec.dtype == torch.float32:
+        return torch.bfloat16
+    return spec.dtype
+
+
 class Transformer:
     def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], device: torch.device,
                  dtype: torch.dtype, backend: Backend):
@@ -52,6 +62,24 @@ class Transformer:
                 "rope": spec.layer_rope[i],
             })
         self.inv_freqs = [r.inv_freq(spec.head_dim).to(device) for r in spec.ropes]
+        # Residual add + RMSNorms in one launch (kernels/norm.py) and the MLP's act(gate) * up in one
+        # (kernels/activation.py): the GPU path (the Triton backend).
+        self.fused_norm = backend.fused_rope and spec.norm_kind in ("rms", "rms_gemma")
+        self.fused_act = backend.fused_rope
+        if self.fused_norm:
+            from .kernels.norm import add_rms_norm
+            self._add_rms_norm = add_rms_norm
+        if self.fused_act:
+            from .kernels.activation import act_mul
+            self._act_mul = act_mul
+        self.rope_caches = None
+        if backend.fused_rope:
+            # With the fused RoPE + KV store (GPU), the cos/sin tables of every position are built
+            # once here instead of per step; the values are the per-step tables' (same elementwise ops).
+            from .kernels.kv_store import rope_cache
+            # + 64: speculative drafts may run a few positions past the last emitted one
+            self.rope_caches = [rope_cache(inv, spec.max_position_embeddings + 64, dtype, device)
+                                for inv in self.inv_freqs]
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, device: torch.device, dtype: torch.dtype | None,
@@ -59,7 +87,7 @@ class Transformer:
         """weights: "dense" reads model.safetensors; "gguf" (CPU, float32) keeps every quantized
         linear weight in the blocks of the GGUF file the directory was converted from (blocks.py)."""
         spec = load_spec(model_dir)
-        dtype = dtype or spec.dtype
+        dtype = dtype or default_dtype(spec, device)
         if weights == "dense":
             raw = read_tensors(Path(model_dir))
         elif weights == "gguf":
@@ -103,6 +131,19 @@ class Transformer:
             tables.append((emb.cos().to(self.dtype)[:, None, :], emb.sin().to(self.dtype)[:, None, :]))
         return tables
 
+    def _residual(self, h: torch.Tensor, a: torch.Tensor, w_a: torch.Tensor | None, norm_out: bool,
+                  w_out: torch.Tensor | None):
+        """h + (post-norm of a, when the family has post-norms), and the next block's input: the
+        pre-norm (weight w_out) of the sum when norm_out, else the sum itself. One launch on the
+        GPU (kernels/norm.py); the per-op path elsewhere, and for OLMo's weightless layer norm."""
+        post = self.spec.post_norms
+        if self.fused_norm:
+            return self._add_rms_norm(h, a, w_a if post else None, w_out if norm_out else None, self.spec.norm_eps)
+        if post:
+            a = self._norm(a, w_a)
+        h = h + a
+        return h, (self._norm(h, w_out) if norm_out else h)
+
     @staticmethod
     def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2
@@ -119,10 +160,11 @@ class Transformer:
         h = self.embed.rows(input_ids) if type(self.embed) is BlockWeight else F.embedding(input_ids, self.embed)
         if self.embed_scale is not None:
             h = h * self.embed_scale
-        ropes = self._rope_tables(positions)
+        ropes = self._rope_tables(positions) if self.rope_caches is None else None
+        pre = spec.pre_norms
+        x = self._norm(h, self.layers[0]["attn_pre_norm"]) if pre and self.layers else h
         for i, L in enumerate(self.layers):
-            # --- attention block
-            x = self._norm(h, L["attn_pre_norm"]) if spec.pre_norms else h
+            # --- attention block (x: this block's input, normed by the previous residual step)
             qkv = self._linear(x, L["qkv"], L["qkv_bias"])
             if spec.clip_qkv is not None:
                 qkv = qkv.clamp(-spec.clip_qkv, spec.clip_qkv)
@@ -132,22 +174,28 @@ class Transformer:
             q, k, v = q.reshape(T, H, D), k.reshape(T, Hkv, D), v.reshape(T, Hkv, D)
             if spec.qk_norm == "head":
                 q, k = self._norm(q, L["q_norm"]), self._norm(k, L["k_norm"])
-            cos, sin = ropes[L["rope"]]
-            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-            self.backend.store_kv(k, v, kv.k[i], kv.v[i], meta.slot_mapping)
+            if ropes is None:  # one launch: q rotated in place, rotated k and v into the cache
+                self.backend.store_kv_rope(q, k, v, kv.k[i], kv.v[i], meta.slot_mapping, positions,
+                                           *self.rope_caches[L["rope"]])
+            else:
+                cos, sin = ropes[L["rope"]]
+                q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+                self.backend.store_kv(k, v, kv.k[i], kv.v[i], meta.slot_mapping)
             a = self.backend.attention(q, kv.k[i], kv.v[i], meta, spec.attn_scale, L["window"], spec.attn_softcap)
             a = self._linear(a.reshape(T, H * D), L["o"], L["o_bias"])
-            if spec.post_norms:
-                a = self._norm(a, L["attn_post_norm"])
-            h = h + a
+            h, x = self._residual(h, a, L["attn_post_norm"], pre, L["mlp_pre_norm"])
             # --- MLP block
-            x = self._norm(h, L["mlp_pre_norm"]) if spec.pre_norms else h
-            gate, up = self._linear(x, L["gate_up"], L["gate_up_bias"]).chunk(2, dim=-1)
-            act = F.silu(gate) if spec.activation == "silu" else F.gelu(gate, approximate="tanh")
-            m = self._linear(act * up, L["down"], L["down_bias"])
-            if spec.post_norms:
-                m = self._norm(m, L["mlp_post_norm"])
-            h = h + m
+            gate_up = self._linear(x, L["gate_up"], L["gate_up_bias"])
+            if self.fused_act:  # GPU path: act(gate) * up in one launch (kernels/activation.py)
+                hidden = self._act_mul(gate_up, spec.activation)
+            else:
+                gate, up = gate_up.chunk(2, dim=-1)
+                act = F.silu(gate) if spec.activation == "silu" else F.gelu(gate, approximate="tanh")
+                hidden = act * up
+            m = self._linear(hidden, L["down"], L["down_bias"])
+            last = i + 1 == len(self.layers)
+            h, x = self._residual(h, m, L["mlp_post_norm"], pre and not last,
+                                  None if last else self.layers[i + 1]["attn_pre_norm"])
         if logits_indices is not None:
             h = h[logits_indices]
         h = self._norm(h, self.final_norm)

@@ -29,6 +29,9 @@ class Backend:
         if kind not in ("triton", "native", "torch"):
             raise ValueError(f"unknown backend {kind!r}")
         self.kind = kind
+        # RoPE inside the KV store (store_kv_rope, one launch per layer): the GPU path only; the CPU
+        # paths keep the model's torch rotation.
+        self.fused_rope = kind == "triton"
         if kind == "native":
             ops = torch.ops.nudgefast
             self._store = ops.store_kv
@@ -36,7 +39,8 @@ class Backend:
             self._block_linear = ops.block_linear
             self._rms_norm = ops.rms_norm
         elif kind == "triton":
-            from .kernels.kv_store import store_kv
+            from .kernels.kv_store import store_kv, store_kv_rope
+            self.store_kv_rope = store_kv_rope
             from .kernels.paged_decode_attention import paged_decode_attention
             from .kernels.paged_prefill_attention import paged_prefill_attention
             self._store, self._decode, self._prefill = store_kv, paged_decode_attention, paged_prefill_attention

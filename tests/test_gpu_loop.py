@@ -18,7 +18,8 @@ def pairs(tmp_path_factory):
     tok = train_tokenizer()
     root = tmp_path_factory.mktemp("gpu")
     _, cpu, *_ = make_pair("llama", root, tok, with_hf=False)
-    gpu = nf.NudgingEngine(base=cpu.base.dir, nudger=cpu.nudger.dir, device="cuda", page_size=4,
+    # float32 on purpose (a float32 checkpoint would default to bf16 on CUDA): compared with the CPU below
+    gpu = nf.NudgingEngine(base=cpu.base.dir, nudger=cpu.nudger.dir, device="cuda", dtype="float32", page_size=4,
                            flag_interval=256, sync_debug=True)
     return cpu, gpu
 

@@ -129,3 +129,88 @@ def test_store_kv_gpu_real_shapes(n_kv_heads):
         store_kv(k, v, k_pages, v_pages, slots)
         torch.cuda.synchronize()
         assert torch.equal(k_pages, ref_k) and torch.equal(v_pages, ref_v)
+
+
+# ----------------------------------------------------------------------------------------------
+# RoPE fused into the store
+# ----------------------------------------------------------------------------------------------
+# Expectation re-stated: rotate-half RoPE, x * cos + cat(-x2, x1) * sin with cos/sin = cat(c, c),
+# cat(s, s) at the token's position, each product and the sum rounded to the dtype (the model's
+# torch ops); q is rotated in place, rotated k and plain v land in the token's slot. Bit-exact.
+
+from nudgefast.kernels.kv_store import rope_cache, store_kv_rope, store_kv_rope_ref  # noqa: E402
+
+# (name, n_tokens, n_q_heads, n_kv_heads, head_dim, page_size, num_pages, slot pattern)
+ROPE_CASES = [
+    ("decode_gqa4", 4, 8, 2, 32, 16, 3, "shuffled"),
+    ("prefill_with_padding_mha", 13, 3, 3, 40, 12, 4, "with_skips"),
+    ("odd_half_dim_gqa3", 5, 9, 3, 22, 5, 3, "with_skips"),
+    ("all_skipped_q_still_rotates", 3, 4, 1, 16, 4, 2, "all_skipped"),
+]
+
+
+def _model_rotate(x, inv_freq, positions):
+    """The model's per-step tables and rotation, verbatim (nudgefast.model.Transformer)."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    cos, sin = emb.cos().to(x.dtype)[:, None, :], emb.sin().to(x.dtype)[:, None, :]
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("impl", [store_kv_rope, store_kv_rope_ref], ids=["triton", "ref"])
+@pytest.mark.parametrize("case", ROPE_CASES, ids=[c[0] for c in ROPE_CASES])
+def test_store_kv_rope_matches_the_model_ops(case, impl, dtype):
+    _, n_tokens, n_q, n_kv, head_dim, page_size, num_pages, pattern = case
+    gen = torch.Generator().manual_seed(3)
+    fused = (4 * torch.randn(n_tokens, n_q + 2 * n_kv, head_dim, generator=gen)).to(dtype)  # a qkv buffer
+    q, k, v = fused[:, :n_q], fused[:, n_q:n_q + n_kv], fused[:, n_q + n_kv:]
+    k_pages = torch.randn(num_pages, page_size, n_kv, head_dim, generator=gen).to(dtype)
+    v_pages = torch.randn(num_pages, page_size, n_kv, head_dim, generator=gen).to(dtype)
+    slots = _slots(pattern, n_tokens, num_pages * page_size, gen)
+    positions = torch.randint(0, 3000, (n_tokens,), generator=gen)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    cos, sin = rope_cache(inv_freq, 3000, dtype, "cpu")
+    want_q = _model_rotate(q, inv_freq, positions)
+    want_k, want_v = _oracle(_model_rotate(k, inv_freq, positions), v, k_pages, v_pages, slots)
+    v_before = v.clone()
+    impl(q, k, v, k_pages, v_pages, slots, positions, cos, sin)
+    assert torch.equal(q, want_q)
+    assert torch.equal(k_pages, want_k) and torch.equal(v_pages, want_v)
+    assert torch.equal(v, v_before)
+
+
+def test_store_kv_rope_rejects_bad_tables():
+    q = torch.zeros(2, 4, 16)
+    k = v = torch.zeros(2, 2, 16)
+    pages = torch.zeros(2, 4, 2, 16)
+    slots, positions = torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)
+    cos, sin = rope_cache(torch.ones(8), 10, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="tables"):
+        store_kv_rope(q, k, v, pages, pages.clone(), slots, positions, cos[:, :4], sin[:, :4])
+    with pytest.raises(ValueError, match="even"):
+        store_kv_rope(q[..., :15], k[..., :15], v[..., :15], pages[..., :15], pages[..., :15], slots, positions,
+                      cos, sin)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_store_kv_rope_gpu_is_bit_exact(dtype):
+    # Exact on the GPU only because the kernel is compiled with enable_fp_fusion=False: with fused
+    # multiply-adds (Triton's default), x * cos + r * sin in fp32 would be rounded once instead of
+    # three times and differ from torch's separate ops in the last bit. bf16/fp16 round every step.
+    gen = torch.Generator().manual_seed(5)
+    n_tokens, n_q, n_kv, head_dim = 37, 32, 8, 128
+    fused = (4 * torch.randn(n_tokens, n_q + 2 * n_kv, head_dim, generator=gen)).to(dtype).cuda()
+    q, k, v = fused[:, :n_q], fused[:, n_q:n_q + n_kv], fused[:, n_q + n_kv:]
+    pages = torch.zeros(8, 16, n_kv, head_dim, dtype=dtype, device="cuda")
+    slots = torch.randperm(128, generator=gen)[:n_tokens].cuda()
+    positions = torch.randint(0, 4096, (n_tokens,), generator=gen).cuda()
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    cos, sin = rope_cache(inv_freq, 4096, dtype, "cuda")
+    q_ref, k_pages_ref, v_pages_ref = q.clone(), pages.clone(), pages.clone()
+    store_kv_rope_ref(q_ref, k.clone(), v.clone(), k_pages_ref, v_pages_ref, slots, positions, cos, sin)
+    k_pages, v_pages = pages.clone(), pages.clone()
+    store_kv_rope(q, k, v, k_pages, v_pages, slots, positions, cos, sin)
+    assert torch.equal(q, q_ref) and torch.equal(k_pages, k_pages_ref) and torch.equal(v_pages, v_pages_ref)

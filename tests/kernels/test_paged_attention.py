@@ -96,6 +96,11 @@ DECODE_CASES = [
     ("window_wider_than_context", [10, 4], 3, 1, 24, 4, 64, 0.0, 2.0),
     ("page_size_one_tiny_dim", [6, 3], 2, 1, 8, 1, 0, 0.0, 1.0),
     ("long_rows_for_splits", [150, 70, 0, 129], 4, 2, 24, 7, 0, 0.0, 2.0),
+    # Power-of-two pages of >= 16 slots are read one page-aligned tile at a time (the GPU layout):
+    # rows ending mid-page, a window starting mid-page, splits, odd and full head dims.
+    ("paged16_gqa2_rows_end_mid_page", [150, 33, 0, 64], 4, 2, 32, 16, 0, 0.0, 2.0),
+    ("paged32_window_softcap_odd_dim", [70, 5, 96], 6, 3, 24, 32, 19, 30.0, 6.0),
+    ("paged64_window_wider_than_tile", [200, 130], 2, 1, 16, 64, 90, 0.0, 2.0),
 ]
 
 
@@ -231,6 +236,9 @@ PREFILL_CASES = [
     ("long_chunk_window_softcap", [37, 8], [29, 3], 4, 1, 40, 6, 11, 30.0, 6.0),
     ("softcap50_page12", [26, 13], [4, 13], 4, 2, 24, 12, 0, 50.0, 8.0),
     ("page_size_one_tiny_dim", [7, 4], [3, 4], 3, 1, 8, 1, 2, 0.0, 1.0),
+    # page-aligned tiles (see DECODE_CASES): a prompt crossing pages, verify chunks, window mid-page
+    ("paged16_prompt_and_verify_gqa2", [45, 70, 17], [45, 5, 5], 4, 2, 32, 16, 0, 0.0, 2.0),
+    ("paged32_window_softcap_odd_dim", [75, 40], [9, 40], 6, 3, 24, 32, 21, 30.0, 6.0),
 ]
 
 
