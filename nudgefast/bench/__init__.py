@@ -26,15 +26,18 @@ Files: presets.py (shape presets, planted weights, engines), runners.py (prompts
 nudgefast and anchor runners), cases.py (one case end to end, bytes per step), report.py (git,
 device, table, plot), cli.py (suites, options, the JSON result).
 """
-from .cases import Case, bytes_per_step, case_runners, measure_copy_bandwidth, run_case, weight_bytes
-from .cli import DTYPES, SCHEMA, SUITES, build_models, main, parse_args
-from .presets import (PRESETS, SHAPES, Models, SyntheticTokenizer, dir_models, engine_from_models, planted_next_map,
-                      planted_weights, preset_models)
-from .report import device_info, format_table, git_info, write_plot
-from .runners import AnchorRunner, NudgefastRunner, RunRecord, compare_outputs, load_anchors, make_prompts
+from .cases import (Case, bytes_per_token, case_runners, compare_rows, hf_weight_bytes, measure_read_bandwidth, run_case,
+                    weight_bytes)
+from .cli import DTYPES, EXIT_TOKENS_DIFFER, SCHEMA, SUITES, bench_command, build_models, main, parse_args
+from .presets import (PRESETS, SHAPES, Models, SyntheticTokenizer, describe_weights, dir_models, engine_from_models,
+                      model_identity, planted_next_map, planted_weights, preset_models)
+from .report import cpu_info, device_info, environment_info, format_table, git_info, native_kernel_isa, write_plot
+from .runners import AnchorRunner, NudgefastRunner, RunRecord, TokenCheck, compare_outputs, load_anchors, make_prompts
 
-__all__ = ["AnchorRunner", "Case", "DTYPES", "Models", "NudgefastRunner", "PRESETS", "RunRecord", "SCHEMA", "SHAPES",
-           "SUITES", "SyntheticTokenizer", "build_models", "bytes_per_step", "case_runners", "compare_outputs",
-           "device_info", "dir_models", "engine_from_models", "format_table", "git_info", "load_anchors", "main",
-           "make_prompts", "measure_copy_bandwidth", "parse_args", "planted_next_map", "planted_weights",
-           "preset_models", "run_case", "weight_bytes", "write_plot"]
+__all__ = ["AnchorRunner", "Case", "DTYPES", "EXIT_TOKENS_DIFFER", "Models", "NudgefastRunner", "PRESETS", "RunRecord",
+           "SCHEMA", "SHAPES", "SUITES", "SyntheticTokenizer", "TokenCheck", "bench_command", "build_models",
+           "bytes_per_token", "case_runners", "compare_outputs", "compare_rows", "cpu_info", "describe_weights",
+           "device_info", "dir_models", "engine_from_models", "environment_info", "format_table", "git_info",
+           "hf_weight_bytes", "load_anchors", "main", "make_prompts", "measure_read_bandwidth", "model_identity",
+           "native_kernel_isa", "parse_args", "planted_next_map", "planted_weights", "preset_models", "run_case",
+           "weight_bytes", "write_plot"]
