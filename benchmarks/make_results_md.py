@@ -123,7 +123,7 @@ def _cpu(dev: dict) -> str:
     return _cell(f"{dev['name']}; {cpu.get('vendor', '?')} family/model/stepping {ident}; {isa or 'no AVX2'}")
 
 
-def render(results: list[tuple[str, dict]]) -> str:
+def render(results: list[tuple[str, dict]], plots_dir: Path | None = None) -> str:
     speedups, scenarios, runs = [], [], []
     for name, data in results:
         env, dev = data.get("environment") or {}, data["device"]
@@ -155,9 +155,11 @@ def render(results: list[tuple[str, dict]]) -> str:
                 _num(acc, "{:.0%}"), _num(bpt / 1e6 if bpt else None, "{:.0f}"),
                 _num(s.get("bandwidth_bound_tokens_per_s")), _num(s.get("fraction_of_bound"), "{:.0%}"), _same(s)])
         for case, engines in by_case.items():
-            for engine, s in engines.items():
-                if s.get("role") != "anchor":
-                    continue
+            # an anchor that reads GGUF blocks itself (llama.cpp) first: the like-for-like comparison
+            anchors = sorted((s for s in engines.values() if s.get("role") == "anchor"),
+                             key=lambda s: s.get("weights_format") != "gguf")
+            for s in anchors:
+                engine = s["engine"]
                 comps = {c["ours"]: c for c in s.get("comparisons") or []}
                 row = [name, _commit(data), _cell(_case(s)), engine, _cell(s["weights_read"]),
                        _num(s["tokens_per_s_aggregate"])]
@@ -173,8 +175,8 @@ def render(results: list[tuple[str, dict]]) -> str:
     parts = [HEADER]
     parts.append("## Speed-ups over the anchors (dense-vs-dense beside GGUF blocks, same run)\n")
     parts.append(_table(["File", "Commit", "Case", "Anchor", "Anchor reads", "Anchor tok/s",
-                         "nudgefast reads", "nudgefast tok/s", "Speed-up, same weights as the anchor",
-                         "nudgefast-gguf reads", "nudgefast-gguf tok/s", "Speed-up, GGUF blocks vs the anchor's dense",
+                         "nudgefast reads", "nudgefast tok/s", "nudgefast speed-up",
+                         "nudgefast-gguf reads", "nudgefast-gguf tok/s", "nudgefast-gguf speed-up",
                          "Same tokens (every run)", "Differs from the anchor"], speedups)
                  if speedups else "_No anchor comparisons in the result files._")
     parts.append("\n## Every scenario\n")
@@ -182,6 +184,11 @@ def render(results: list[tuple[str, dict]]) -> str:
                          "ms/token p50/p90/p99", "TTFT ms", "host syncs/token", "nudged", "acceptance",
                          "MB read/token", "bound tok/s", "of bound", "same tokens"], scenarios)
                  if scenarios else "_No result files._")
+    plots = [f"![{name}]({Path(name).with_suffix('.png').name})" for name, _ in results
+             if plots_dir is not None and (plots_dir / Path(name).with_suffix(".png").name).is_file()]
+    if plots:
+        parts.append("\n## Plots (`nudgefast bench --plot`, the same runs)\n")
+        parts.append("\n\n".join(plots))
     parts.append("\n## Runs: machine, software, models, command\n")
     parts.append(_table(["File", "Commit", "CPU / device", "Versions", "Native kernels (ISA)", "threads",
                          "read GB/s", "models", "GGUF quantization types", "one model in both roles",
@@ -196,7 +203,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(HERE / "RESULTS.md"))
     p.add_argument("--check", action="store_true", help="exit 1 if --out differs from what would be written")
     args = p.parse_args(argv)
-    text = render(load_results(Path(args.results)))
+    text = render(load_results(Path(args.results)), plots_dir=Path(args.out).parent)
     out = Path(args.out)
     if args.check:
         current = out.read_text() if out.is_file() else ""

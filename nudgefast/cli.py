@@ -117,7 +117,7 @@ def check_generate(args, prompts, configs) -> None:
                        "--dtype, or --weights dense)")
     demo = not (args.base or args.nudger)
     if not demo:
-        for flag, d in (("--base", args.base), ("--nudger", args.nudger)):
+        for d in (args.base, args.nudger):
             if d:
                 load_spec(d)  # config.json only: a missing or unreadable directory is named here
         for mode in configs:
