@@ -53,6 +53,8 @@ setup(
     extras_require={
         "triton": ["triton"],
         "gguf": ["gguf>=0.10", "tqdm"],
+        # nudgefast bench: the transformers anchors and --plot
+        "bench": ["transformers>=4.45", "accelerate", "matplotlib"],
         "test": [
             "pytest",
             "pytest-benchmark",

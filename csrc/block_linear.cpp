@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -343,6 +344,20 @@ at::Tensor block_linear(const at::Tensor& x_in, const at::Tensor& codes, const a
     y.narrow(1, s0, rows).copy_(at::mm(x, w.narrow(0, 0, rows).t()));
   }
   return y;
+}
+
+// Which instruction set each native kernel runs here (recorded with benchmark results): block_linear
+// picks its AVX2 kernel at run time (has_avx2); the target_clones functions of simd.h users
+// (paged_attention, rms_norm, sampler) get the x86-64-v3 clone where the CPU supports that level.
+std::string kernel_isa() {
+  std::string block = has_avx2() ? "avx2+fma" : "portable";
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+  std::string clones = __builtin_cpu_supports("x86-64-v3") ? "x86-64-v3" : "x86-64 baseline";
+#else
+  std::string clones = "compiler default (no per-ISA clones)";
+#endif
+  return "block_linear=" + block + ";paged_attention=" + clones + ";rms_norm=" + clones + ";sampler=" + clones +
+         ";kv_store=compiler default;nudge_step=compiler default";
 }
 
 }  // namespace nudgefast

@@ -37,6 +37,8 @@ TORCH_LIBRARY(nudgefast, m) {
   m.def("block_linear(Tensor x, Tensor codes, Tensor scale, Tensor offset, int bits, int block) -> Tensor");
   // rms_norm.cpp: x float32 [..., n] / sqrt(mean(x^2) + eps) * weight [n] (weight optional).
   m.def("rms_norm(Tensor x, Tensor? weight, float eps) -> Tensor");
+  // block_linear.cpp: the instruction set each kernel runs on this CPU (no tensors: a catch-all kernel).
+  m.def("kernel_isa() -> str", &nudgefast::kernel_isa);
 }
 
 TORCH_LIBRARY_IMPL(nudgefast, CPU, m) {

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <optional>
+#include <string>
 
 #include <ATen/core/Tensor.h>
 
@@ -46,5 +47,8 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& codes, const at::
 
 // rms_norm.cpp: x float32 [..., n] / sqrt(mean(x^2) + eps) * weight (float32 [n], optional).
 at::Tensor rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& weight, double eps);
+
+// block_linear.cpp: "kernel=isa;..." for every native kernel, as chosen on this CPU.
+std::string kernel_isa();
 
 }  // namespace nudgefast

@@ -6,6 +6,8 @@ import json
 import sys
 import time
 
+from .errors import ArgumentParser, BadValue, check_device, run_command
+
 DEMO_QUESTION = "What are three tips for staying focused while studying?"
 DEMO_SYSTEM = "Answer the question helpfully and concisely."
 
@@ -82,6 +84,72 @@ def _resolve_models(args):
     return demo_pair()
 
 
+def _configs(args, modes) -> dict:
+    """mode -> NudgeConfig, each checked (NudgeConfig validates its own ranges)."""
+    from . import NudgeConfig
+
+    configs = {}
+    for mode in modes:
+        try:
+            configs[mode] = NudgeConfig(mode=mode, gate=args.gate, threshold=args.threshold,
+                                        granularity=args.granularity,
+                                        speculate=args.speculate if mode == "nudging" else 0,
+                                        max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                        top_p=args.top_p, seed=args.seed)
+        except ValueError as e:  # the options' values, re-stated as the user error they are
+            raise BadValue(f"generate: {e}".replace("NudgeConfig: ", "")) from e
+    return configs
+
+
+def check_generate(args, prompts, configs) -> None:
+    """Everything about a generate request that can be checked without the weights: prompts,
+    device, weights option, the model directories' config.json, which models the modes need and
+    whether the two tokenizers share a vocabulary (token granularity and speculation need one).
+    Runs before any model is located, converted or loaded."""
+    from .config import load_spec
+
+    for i, q in enumerate(prompts):
+        if not q.strip():
+            raise BadValue(f"generate: prompt {i} is empty")
+    check_device(args.device)
+    if args.weights == "gguf" and (args.device != "cpu" or args.dtype not in (None, "float32")):
+        raise BadValue("--weights gguf reads the GGUF blocks on the CPU in float32 only (use --device cpu and no "
+                       "--dtype, or --weights dense)")
+    demo = not (args.base or args.nudger)
+    if not demo:
+        for d in (args.base, args.nudger):
+            if d:
+                load_spec(d)  # config.json only: a missing or unreadable directory is named here
+        for mode in configs:
+            need = {"base_only": ["base"], "nudger_only": ["nudger"], "nudging": ["base", "nudger"]}[mode]
+            missing = [f"--{n}" for n in need if not getattr(args, n)]
+            if missing:
+                raise BadValue(f"generate: mode {mode} needs {' and '.join(missing)} (a model directory)")
+    nudging = configs.get("nudging")
+    if nudging is not None and _cross_vocabulary(args, demo):
+        from . import crossvocab
+
+        try:
+            crossvocab.check_config(nudging)
+        except ValueError as e:
+            raise BadValue(f"generate: {e}" + (" (the demo pair has two tokenizers)" if demo else "")) from e
+
+
+def _cross_vocabulary(args, demo: bool) -> bool:
+    """Whether the two models read different token ids, from their tokenizer files alone."""
+    if demo:
+        return True  # gemma-3 and SmolLM2: two families, two tokenizers
+    from pathlib import Path
+
+    from .tokenizer import Tokenizer
+
+    dirs = [Path(args.base), Path(args.nudger)]
+    if not all((d / "tokenizer.json").is_file() for d in dirs):
+        return False
+    a, b = (Tokenizer(d) for d in dirs)
+    return not a.same_vocabulary(b)
+
+
 def gguf_weights_possible(device: str, dtype: str | None, dirs) -> bool:
     """Whether weights="gguf" applies: CPU, float32, the native ops built, and every model directory
     converted from a GGUF file that is still where it was."""
@@ -126,27 +194,25 @@ def summary_line(completion, tokens_per_s: float) -> str:
 
 
 def cmd_generate(args) -> int:
-    from . import NudgeConfig
-    from .config import ConfigError
+    from .kv_cache import KVPoolExhausted
 
     prompts = args.prompt or [DEMO_QUESTION]
     modes = ["base_only", "nudger_only", "nudging"] if args.compare else [args.mode]
+    configs = _configs(args, modes)
+    check_generate(args, prompts, configs)  # before any model is located or loaded
+    base, nudger = _resolve_models(args)
+    engine = _make_engine(args, base, nudger)
     results = {}  # mode -> (completions, tokens/s over the batch)
-    try:
-        base, nudger = _resolve_models(args)
-        engine = _make_engine(args, base, nudger)
-        for mode in modes:
-            cfg = NudgeConfig(mode=mode, gate=args.gate, threshold=args.threshold, granularity=args.granularity,
-                              speculate=args.speculate if mode == "nudging" else 0,
-                              max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                              seed=args.seed)
-            t0 = time.perf_counter()
+    for mode, cfg in configs.items():
+        t0 = time.perf_counter()
+        try:
             outs = engine.generate(prompts, cfg, system_prompt=args.system, answer_prefix=args.answer_prefix)
-            elapsed = max(time.perf_counter() - t0, 1e-9)
-            results[mode] = (outs, sum(token_counts(o)[0] for o in outs) / elapsed)
-    except (ValueError, TypeError, ConfigError) as e:
-        print(f"nudgefast: error: {e}", file=sys.stderr)
-        return 2
+        except KVPoolExhausted as e:
+            raise BadValue(f"generate: {e} (ask for fewer --max-new-tokens or fewer prompts)") from e
+        except ValueError as e:  # the engine refused the request (e.g. a prompt longer than the model's context)
+            raise BadValue(f"generate: {e}") from e
+        elapsed = max(time.perf_counter() - t0, 1e-9)
+        results[mode] = (outs, sum(token_counts(o)[0] for o in outs) / elapsed)
     color = sys.stdout.isatty() and not args.json
     for i, question in enumerate(prompts):
         if len(prompts) > 1 and not args.json:
@@ -179,13 +245,25 @@ def cmd_convert(args) -> int:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:  # bench parses its own options (argparse REMAINDER drops leading --flags)
-        from .bench import main as bench_main
+    """`nudgefast ...`: every subcommand runs through errors.run_command, the one place where a user
+    mistake becomes `nudgefast: error: ...` and exit status 2."""
+    return run_command(_main, sys.argv[1:] if argv is None else list(argv))
 
-        return bench_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="nudgefast", description="fast nudging: a base LLM steered by a small "
-                                                                   "aligned model where it is unsure")
+
+def _main(argv: list[str]) -> int:
+    if argv[:1] == ["bench"]:  # bench parses its own options (argparse REMAINDER drops leading --flags)
+        from .bench.cli import bench_command
+
+        return bench_command(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.cmd == "generate":
+        return cmd_generate(args)
+    return cmd_convert(args)
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="nudgefast", description="fast nudging: a base LLM steered by a small "
+                                                          "aligned model where it is unsure")
     sub = parser.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="answer questions (nudging, or one of the baselines)")
     _add_generate_args(g)
@@ -193,16 +271,8 @@ def main(argv=None) -> int:
     c.add_argument("gguf")
     c.add_argument("out")
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    b = sub.add_parser("bench", help="benchmark scenarios (see nudgefast/bench/)")
-    b.add_argument("rest", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
-    if args.cmd == "generate":
-        return cmd_generate(args)
-    if args.cmd == "convert":
-        return cmd_convert(args)
-    from .bench import main as bench_main
-
-    return bench_main(args.rest)
+    sub.add_parser("bench", help="benchmark scenarios (nudgefast bench --help)")
+    return parser
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
+
 # architectures entry -> family
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -30,8 +32,8 @@ MODEL_TYPES = {
 }
 
 
-class ConfigError(ValueError):
-    """A model directory or config.json that nudgefast cannot serve."""
+class ConfigError(UserError, ValueError):
+    """A model directory or config.json that nudgefast cannot serve (a user error: errors.py)."""
 
 
 @dataclass(frozen=True)

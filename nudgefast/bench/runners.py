@@ -168,6 +168,7 @@ class RunRecord:
     stats: list[dict] | None = None
     row_tokens: list[int] | None = None      # emitted tokens per row where they differ from token_ids
     cpu_seconds: float | None = None         # process CPU time of the run (CPU devices)
+    forwards: dict | None = None             # model role -> forward calls in the run (anchors: counted)
 
     @property
     def tokens(self) -> int:
@@ -175,13 +176,17 @@ class RunRecord:
 
 
 class NudgefastRunner:
-    name = "nudgefast"
+    """nudgefast on one engine (dense weights, or GGUF blocks: Models.engines)."""
 
-    def __init__(self, models: Models, config: NudgeConfig, base_prompts, nudger_prompts):
-        self.engine, self.config = models.engine, config
+    role = "ours"
+
+    def __init__(self, models: Models, config: NudgeConfig, base_prompts, nudger_prompts, name: str = "nudgefast"):
+        self.name = name
+        self.engine, self.config = models.engines[name], config
+        self.weights = models.weights[name]
         self.base_prompts = base_prompts if config.mode != "nudger_only" else None
         self.nudger_prompts = nudger_prompts if config.mode != "base_only" else None
-        self.crossvocab = config.mode == "nudging" and not same_vocabulary(models.engine)
+        self.crossvocab = config.mode == "nudging" and not same_vocabulary(self.engine)
         if self.crossvocab:
             from ..runner.crossvocab import check_crossvocab_config
 
@@ -234,11 +239,15 @@ class NudgefastRunner:
 
 
 class AnchorRunner:
-    """One transformers anchor, batch 1."""
+    """One transformers anchor, batch 1. Every run counts the forward calls of each transformers
+    model (a forward hook on the top-level module), which is what its bytes per token follow from."""
+
+    role = "anchor"
 
     def __init__(self, name: str, models: Models, config: NudgeConfig, base_prompts, nudger_prompts, stop_ids,
                  word_start):
         self.name, self.models, self.config = name, models, config
+        self.weights = {"format": "dense", "label": f"{models.dense_dtype} dense (transformers, model.safetensors)"}
         self.base_prompt, self.nudger_prompt = base_prompts[0], nudger_prompts[0]
         self.stop_ids, self.word_start = set(stop_ids), word_start
 
@@ -247,7 +256,10 @@ class AnchorRunner:
         hf, cfg = self.models.load_hf(), self.config
         device = self.models.engine.device
         _sync(device)
-        with count_cuda_syncs(count_syncs) as syncs:
+        forwards = dict.fromkeys(hf, 0)
+        hooks = [m.register_forward_hook(lambda *_a, role=role: forwards.__setitem__(role, forwards[role] + 1))
+                 for role, m in hf.items()]
+        with count_cuda_syncs(count_syncs) as syncs, _removed_after(hooks):
             c0, t0 = time.process_time(), time.perf_counter()
             if self.name == "hf_generate":
                 side = "nudger" if cfg.mode == "nudger_only" else "base"
@@ -258,7 +270,8 @@ class AnchorRunner:
                                                  cfg, self.stop_ids, self.word_start)
             _sync(device)
             seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
-        rec = RunRecord(seconds, [res.token_ids], [res.from_nudger], [res.finish_reason], cpu_seconds=cpu_seconds)
+        rec = RunRecord(seconds, [res.token_ids], [res.from_nudger], [res.finish_reason], cpu_seconds=cpu_seconds,
+                        forwards={role: n for role, n in forwards.items() if n})
         n = max(1, len(res.token_ids))
         rec.host_reads = syncs["count"] / n if syncs["count"] is not None else (
             res.host_reads / n if res.host_reads is not None else None)
@@ -296,13 +309,58 @@ def anchors_for(config: NudgeConfig) -> list[str]:
     return ["hf_nudging_token"] if config.granularity == "token" else ["hf_nudging_chunked"]
 
 
+@contextlib.contextmanager
+def _removed_after(hooks):
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def compare_outputs(ours: RunRecord, theirs: RunRecord) -> dict:
-    a, b = ours.token_ids[0], theirs.token_ids[0]
-    first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-    if first is None and len(a) != len(b):
-        first = min(len(a), len(b))
-    flags_equal = ours.from_nudger[0] == theirs.from_nudger[0]
-    finish_equal = ours.finish[0] == theirs.finish[0]
-    return {"ran": True, "against": "nudgefast", "equal": first is None and flags_equal and finish_equal,
-            "tokens_compared": max(len(a), len(b)), "first_divergence": first, "provenance_equal": flags_equal,
-            "finish_reason_equal": finish_equal}
+    """Every row both records hold (an anchor runs row 0 only): tokens, provenance, finish reason.
+    `first_divergence` is the first differing position of the first differing row."""
+    rows = []
+    for row, (a, b) in enumerate(zip(ours.token_ids, theirs.token_ids)):
+        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if first is None and len(a) != len(b):
+            first = min(len(a), len(b))
+        flags_equal = ours.from_nudger[row] == theirs.from_nudger[row]
+        finish_equal = ours.finish[row] == theirs.finish[row]
+        rows.append({"row": row, "first_divergence": first, "provenance_equal": flags_equal,
+                     "finish_reason_equal": finish_equal, "tokens_compared": max(len(a), len(b)),
+                     "equal": first is None and flags_equal and finish_equal})
+    bad = [r for r in rows if not r["equal"]]
+    head = bad[0] if bad else (rows[0] if rows else {})
+    return {"equal": bool(rows) and not bad, "rows_checked": len(rows), "rows": rows,
+            "first_divergence": head.get("first_divergence"), "provenance_equal": all(r["provenance_equal"] for r in rows),
+            "finish_reason_equal": all(r["finish_reason_equal"] for r in rows),
+            "tokens_compared": sum(r["tokens_compared"] for r in rows)}
+
+
+class TokenCheck:
+    """"Same tokens", accumulated over every checked run (warm-up and each timed repeat) of one
+    runner against the reference run: nudgefast's warm-up on dense weights."""
+
+    MAX_LISTED = 10
+
+    def __init__(self, against: str):
+        self.against, self.runs, self.rows, self.mismatches, self.count = against, 0, 0, [], 0
+
+    def add(self, run: str, result: dict) -> None:
+        self.runs += 1
+        self.rows = max(self.rows, result["rows_checked"])
+        for r in result["rows"]:
+            if not r["equal"]:
+                self.count += 1
+                if len(self.mismatches) < self.MAX_LISTED:
+                    self.mismatches.append({"run": run, **{k: v for k, v in r.items() if k != "equal"}})
+
+    @property
+    def equal(self) -> bool:
+        return self.runs > 0 and self.count == 0
+
+    def as_dict(self) -> dict:
+        return {"against": self.against, "runs_checked": self.runs, "rows_checked": self.rows, "equal": self.equal,
+                "mismatch_count": self.count, "mismatches": self.mismatches}
