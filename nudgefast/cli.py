@@ -127,10 +127,10 @@ def check_generate(args, prompts, configs) -> None:
                 raise BadValue(f"generate: mode {mode} needs {' and '.join(missing)} (a model directory)")
     nudging = configs.get("nudging")
     if nudging is not None and _cross_vocabulary(args, demo):
-        from . import crossvocab
+        from .runner.crossvocab import check_crossvocab_config
 
         try:
-            crossvocab.check_config(nudging)
+            check_crossvocab_config(nudging)
         except ValueError as e:
             raise BadValue(f"generate: {e}" + (" (the demo pair has two tokenizers)" if demo else "")) from e
 
