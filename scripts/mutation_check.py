@@ -202,6 +202,7 @@ MUTATIONS = [
 PLUGIN = '''
 """pytest plugin (mutation_check.py): load a mutant build of the C++ extension as nudgefast._C."""
 import importlib.machinery, importlib.util, os, sys
+import torch  # noqa: F401  (loads libc10/libtorch, which the extension links against)
 path = os.environ["NUDGEFAST_MUTANT_SO"]
 loader = importlib.machinery.ExtensionFileLoader("nudgefast._C", path)
 spec = importlib.util.spec_from_file_location("nudgefast._C", path, loader=loader)
@@ -240,7 +241,7 @@ def _compile_flags() -> list[str]:
 def _link(objects: list[Path], out: Path) -> None:
     from torch.utils.cpp_extension import library_paths
 
-    libs = [f"-L{p}" for p in library_paths()]
+    libs = [f"-L{p}" for p in library_paths()] + [f"-Wl,-rpath,{p}" for p in library_paths()]
     cmd = ["g++", "-shared", *map(str, objects), *libs, "-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python",
            "-fopenmp", "-o", str(out)]
     subprocess.run(cmd, check=True)
@@ -260,7 +261,7 @@ def build_extension(mutated: str | None, tag: str) -> Path:
                 objects.append(obj)
                 continue
         obj.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["g++", *flags, "-c", str(src), "-o", str(obj)], check=True)
+        subprocess.run(["g++", *flags, "-c", str(src), "-o", str(obj)], check=True, capture_output=True)
         objects.append(obj)
     out = BUILD / tag / "_C.so"
     out.parent.mkdir(parents=True, exist_ok=True)

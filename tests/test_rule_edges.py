@@ -160,6 +160,33 @@ def test_word_script_hinges_on_its_stop_ids(word_script, ids):
     assert outcome(o)[0] == without_s.token_ids
 
 
+@pytest.fixture(scope="module")
+def agree_script(tmp_path_factory, tok, ids):
+    """Word granularity, the base unsure where it matters (p < 0.4, H > 1 nat), no stop reached:
+      t0 NUDGE, span 0: n = W1                                -> emit W1 (nudger), span 1
+      t1 NUDGE, span 1: n = W2 word start, base NOT confident but b == n = W2
+                                                              -> BASE, emit W2 (provenance: base)
+      t2 BASE: not confident                                  -> NUDGE, emit n = W3, span = 1
+      t3 NUDGE, span 1 (the span after a hand-over is 1, not 0): n = W4 word start, confident b = B2
+                                                              -> BASE, emit B2
+    """
+    W1, W2, W3, W4, B1, B2, X = ids.ws[:7]
+    P, Y = ids.plain[:2]
+    base = {P: sure(X), W1: unsure(W2, B1, B2, X), W2: unsure(B1, B2, X, Y), W3: sure(B2), B2: sure(X)}
+    nudger = {P: sure(W1), W1: sure(W2), W2: sure(W3), W3: sure(W4), B2: sure(W1)}
+    scripted = Scripted(tmp_path_factory.mktemp("agree-script"), tok, base, nudger, base_eos=ids.im_end,
+                        nudger_eos=ids.im_end)
+    return scripted, [[P]], [([W1, W2, W3, B2], [True, False, True, False], "length")]
+
+
+@pytest.mark.parametrize("native", BACKENDS)
+@pytest.mark.parametrize("gate, threshold", [("top_prob", 0.4), ("entropy", 1.0)])
+def test_word_level_agreement_and_span(agree_script, gate, threshold, native):
+    scripted, prompts, expected = agree_script
+    cfg = nf.NudgeConfig(mode="nudging", granularity="word", gate=gate, threshold=threshold, max_new_tokens=4)
+    check_all(scripted, prompts, cfg, expected, native)
+
+
 # ---- stops at the token level -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
