@@ -124,16 +124,35 @@ def call_act(inter, act, dtype):
     activation.act_mul(torch.zeros(3, 2 * inter, dtype=DTYPES[dtype]), act)
 
 
-def _gate_state(batch, vocab, stop_width, max_new):
-    seeds = torch.zeros(batch, dtype=torch.int64)
+# The gate / sampler / accept launchers are changing to per-row parameters in device tensors
+# (per-row threshold, temperature, ... in GateState; GateParams keeps mode and max_sample). The
+# builders below use that interface when nudge_gate has it (new_gate_state / set_row) and the
+# single-config one otherwise; adapt them here when those signatures move.
+PER_ROW = hasattr(nudge_gate, "new_gate_state")
+
+
+def _gate_setup(mode, gate, word, sampler, batch, vocab, max_new=64):
+    """(state, params) of a batch whose rows all use this configuration."""
+    temperature, top_p = _SAMPLERS[sampler]
     word_start = torch.zeros(vocab, dtype=torch.bool)
-    return nudge_gate.GateState(
-        seed=seeds, word_state=torch.zeros(batch, dtype=torch.int32), span=torch.zeros(batch, dtype=torch.int32),
-        finished=torch.zeros(batch, dtype=torch.int32), n_out=torch.zeros(batch, dtype=torch.int32),
-        n_nudged=torch.zeros(batch, dtype=torch.int32),
+    if PER_ROW:
+        state = nudge_gate.new_gate_state(batch, out_width=max_new, stop_width=2, word_start=word_start,
+                                          device="cpu")
+        for row in range(batch):
+            nudge_gate.set_row(state, row, seed=row, gate=gate, threshold=0.4, granularity="word" if word else "token",
+                               temperature=temperature, top_p=top_p, max_new_tokens=max_new, stop_ids=[1])
+        max_sample = sample.SAMPLE_GREEDY if sampler == "greedy" else sample.SAMPLE_NUCLEUS
+        return state, nudge_gate.GateParams(mode=_MODES[mode], max_sample=max_sample)
+    state = nudge_gate.GateState(
+        seed=torch.zeros(batch, dtype=torch.int64), word_state=torch.zeros(batch, dtype=torch.int32),
+        span=torch.zeros(batch, dtype=torch.int32), finished=torch.zeros(batch, dtype=torch.int32),
+        n_out=torch.zeros(batch, dtype=torch.int32), n_nudged=torch.zeros(batch, dtype=torch.int32),
         out_tokens=torch.zeros(batch, max_new, dtype=torch.int32),
         out_from_nudger=torch.zeros(batch, max_new, dtype=torch.int8),
-        stop_ids=torch.full((stop_width,), -1, dtype=torch.int64), word_start=word_start)
+        stop_ids=torch.full((2,), -1, dtype=torch.int64), word_start=word_start)
+    params = nudge_gate.GateParams(mode=_MODES[mode], gate=gate, threshold=0.4, word_level=word,
+                                   temperature=temperature, top_p=top_p, max_new_tokens=max_new)
+    return state, params
 
 
 def _cursor(batch, page_size=16):
@@ -148,17 +167,11 @@ _MODES = {"nudging": nudge_gate.MODE_NUDGING, "base_only": nudge_gate.MODE_BASE_
           "nudger_only": nudge_gate.MODE_NUDGER_ONLY}
 
 
-def _gate_params(mode, gate, word, sampler, max_new=64):
-    temperature, top_p = _SAMPLERS[sampler]
-    return nudge_gate.GateParams(mode=_MODES[mode], gate=gate, threshold=0.4, word_level=word,
-                                 temperature=temperature, top_p=top_p, max_new_tokens=max_new)
-
-
 def call_gate(mode, gate, word, sampler, dtype, vocab=1000, batch=2):
     logits = torch.zeros(batch, vocab, dtype=DTYPES[dtype])
-    state = _gate_state(batch, vocab, 2, 64)
+    state, params = _gate_setup(mode, gate, word, sampler, batch, vocab)
     nudge_gate.nudge_step(None if mode == "nudger_only" else logits, None if mode == "base_only" else logits,
-                          state, _gate_params(mode, gate, word, sampler), _cursor(batch), _cursor(batch))
+                          state, params, _cursor(batch), _cursor(batch))
 
 
 def call_sample(sampler, dtype, vocab=1000, batch=2):
@@ -170,9 +183,9 @@ def call_sample(sampler, dtype, vocab=1000, batch=2):
 def call_accept(mode, word, sampler, dtype, k, vocab=1000, batch=2):
     logits = torch.zeros(batch, k + 1, vocab, dtype=DTYPES[dtype])
     draft = torch.zeros(batch, k, dtype=torch.int64)
-    state = _gate_state(batch, vocab, 2, 64)
-    spec_accept.spec_accept(logits, draft, state, _gate_params(mode, 0, word, sampler), _cursor(batch),
-                            _cursor(batch), spec_accept.SpecStats.zeros(batch))
+    state, params = _gate_setup(mode, 0, word, sampler, batch, vocab)
+    spec_accept.spec_accept(logits, draft, state, params, _cursor(batch), _cursor(batch),
+                            spec_accept.SpecStats.zeros(batch))
 
 
 # Full sweep of an attention family: every head_dim x GQA x page size (group 1 and 4 cover 1..8: the
