@@ -33,15 +33,20 @@ BODY_LIMIT = 64 * 1024
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def pair(tmp_path_factory):
     from tiny_models import make_tiny, train_tokenizer
 
     root = tmp_path_factory.mktemp("serve")
     tok = train_tokenizer()
     base = make_tiny("llama", root / "base", seed=1, tokenizer=tok, head_scale=9.0)
     nudger = make_tiny("llama", root / "nudger", seed=2, tokenizer=tok, head_scale=9.0)
+    return base, nudger, nf.NudgingEngine(base=base, nudger=nudger, page_size=4)  # the oracle
+
+
+@pytest.fixture(scope="module")
+def served(pair):
+    base, nudger, ref = pair
     engine = nf.NudgingEngine(base=base, nudger=nudger, page_size=4, kv_cache_tokens=4096)
-    ref = nf.NudgingEngine(base=base, nudger=nudger, page_size=4)  # the oracle: never touched by the server
     app = create_app(engine, model_name=MODEL, api_key=KEY, limits=ServerLimits(max_body_bytes=BODY_LIMIT))
     with BackgroundServer(app) as url:
         yield url, ref
@@ -329,3 +334,78 @@ def test_serve_command_refuses_bad_options(capsys):
 
     assert main(["serve", "--port", "70000"]) == 2
     assert "--port" in capsys.readouterr().err
+
+
+# ---- client disconnects, against a slow stand-in engine (timing under control) --------------------
+class SlowEngine:
+    """The AsyncNudgingEngine surface, writing one character every 20 ms until max_new_tokens;
+    records which requests were closed before they finished (what the real engine aborts)."""
+
+    def __init__(self, engine):
+        self.engine = self
+        self._real = engine
+        self.running: set[str] = set()
+        self.aborted: list[str] = []
+
+    def __getattr__(self, name):  # tokenizers and specs of the real models
+        return getattr(self._real, name)
+
+    def kv_usage(self):
+        return {"base": {"used": 4 * len(self.running), "total": 64}}
+
+    def counts(self):
+        return {"running": len(self.running), "waiting": 0, "finished": 0, "aborted": len(self.aborted)}
+
+    async def stream(self, prompt=None, config=None, *, request_id=None, **kw):
+        from types import SimpleNamespace
+
+        self.running.add(request_id)
+        done = False
+        try:
+            for i in range(config.max_new_tokens):
+                await asyncio.sleep(0.02)
+                last = i == config.max_new_tokens - 1
+                done = last
+                yield SimpleNamespace(request_id=request_id, token_ids=[7], from_nudger=[i % 2 == 0], text="x",
+                                      pieces=[("x", i % 2 == 0)], finished=last,
+                                      finish_reason="length" if last else None, completion=None)
+        finally:
+            self.running.discard(request_id)
+            if not done:
+                self.aborted.append(request_id)
+
+    def abort(self, request_id):
+        if request_id not in self.running:
+            raise ValueError(f"unknown request {request_id}")
+
+    async def close(self):
+        pass
+
+
+def test_client_disconnect_aborts_the_request(pair):
+    _, _, ref = pair
+    slow = {}
+    app = create_app(ref, model_name=MODEL, async_engine_factory=lambda e: slow.setdefault("e", SlowEngine(e)))
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 200}
+
+    def wait_aborted(n):
+        deadline = time.monotonic() + 10
+        while len(slow["e"].aborted) < n and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return len(slow["e"].aborted) == n and not slow["e"].running
+
+    with BackgroundServer(app) as url:
+        cl = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        stream = cl.chat.completions.create(stream=True, **body)
+        got = [next(iter(stream)) for _ in range(3)]
+        stream.close()  # mid-answer: 200 characters take 4 s
+        assert len(got) == 3 and wait_aborted(1)
+        with pytest.raises(httpx.TimeoutException):  # a non-streaming client that gives up
+            httpx.post(f"{url}/v1/chat/completions", json=body, timeout=0.3)
+        assert wait_aborted(2)
+        m = parse_prometheus(httpx.get(f"{url}/metrics").text)
+        assert m["nudgefast_requests_pending"] == 0 and m['nudgefast_kv_pages_used{model="base"}'] == 0
+        # and it goes on serving
+        r = cl.chat.completions.create(**{**body, "max_tokens": 5})
+        assert r.choices[0].message.content == "xxxxx" and r.choices[0].model_extra["nudged_spans"] == [
+            [0, 1], [2, 3], [4, 5]]

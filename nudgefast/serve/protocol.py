@@ -68,6 +68,8 @@ def parse_json_body(raw: bytes) -> dict:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise bad(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise bad("the request body is nested too deeply", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(422, f"the request body must be a JSON object, got {type(body).__name__}", code="invalid_type")
     return body
