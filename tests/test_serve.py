@@ -409,3 +409,28 @@ def test_client_disconnect_aborts_the_request(pair):
         r = cl.chat.completions.create(**{**body, "max_tokens": 5})
         assert r.choices[0].message.content == "xxxxx" and r.choices[0].model_extra["nudged_spans"] == [
             [0, 1], [2, 3], [4, 5]]
+
+
+# ---- different tokenizers (the demo pair's case): the answer is shared as text --------------------
+def test_cross_vocabulary_pair_serves_text_spans_and_streams(tmp_path):
+    from tiny_models import make_tiny, train_tokenizer
+
+    base = make_tiny("olmo2", tmp_path / "base", seed=1, tokenizer=train_tokenizer(400), head_scale=7.5, extra_vocab=3)
+    nudger = make_tiny("llama", tmp_path / "nudger", seed=2, tokenizer=train_tokenizer(320), head_scale=9.0)
+    engine = nf.NudgingEngine(base=base, nudger=nudger, page_size=4, kv_cache_tokens=1024)
+    ref = nf.NudgingEngine(base=base, nudger=nudger, page_size=4, kv_cache_tokens=1024)
+    assert engine.cross_vocabulary
+    with BackgroundServer(create_app(engine, model_name=MODEL)) as url:
+        cl = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+        kw = dict(model=MODEL, max_tokens=24, extra_body={"nudging": {"threshold": 0.6}},
+                  messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTIONS[0]}])
+        r = cl.chat.completions.create(**kw)
+        want = ref.generate([QUESTIONS[0]], nf.NudgeConfig(max_new_tokens=24, threshold=0.6), system_prompt=SYSTEM)[0]
+        ch = r.choices[0]
+        assert ch.message.content == want.text
+        assert 0 < ch.model_extra["nudged_fraction"] < 1  # both wrote
+        assert ch.model_extra["nudged_spans"] == [[a, b] for a, b, nudged in want.stats["spans"] if nudged]
+        assert (r.usage.completion_tokens, r.usage.model_extra["nudged_tokens"]) == (
+            want.stats["emitted_tokens"], want.stats["nudged_tokens"])
+        text, flags, _ = stream_chat(cl, **kw)
+        assert text == want.text and spans_from_flags(flags) == ch.model_extra["nudged_spans"]
