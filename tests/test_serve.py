@@ -385,7 +385,8 @@ class SlowEngine:
 def test_client_disconnect_aborts_the_request(pair):
     _, _, ref = pair
     slow = {}
-    app = create_app(ref, model_name=MODEL, async_engine_factory=lambda e: slow.setdefault("e", SlowEngine(e)))
+    app = create_app(ref, model_name=MODEL, async_engine_factory=lambda e: slow.setdefault("e", SlowEngine(e)),
+                     limits=ServerLimits(max_pending=1))
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 200}
 
     def wait_aborted(n):
@@ -398,6 +399,9 @@ def test_client_disconnect_aborts_the_request(pair):
         cl = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
         stream = cl.chat.completions.create(stream=True, **body)
         got = [next(iter(stream)) for _ in range(3)]
+        with pytest.raises(openai.InternalServerError) as busy:  # one request in flight is this server's limit
+            cl.chat.completions.create(**body)
+        assert busy.value.status_code == 503 and busy.value.body["code"] == "overloaded"
         stream.close()  # mid-answer: 200 characters take 4 s
         assert len(got) == 3 and wait_aborted(1)
         with pytest.raises(httpx.TimeoutException):  # a non-streaming client that gives up
