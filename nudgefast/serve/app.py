@@ -242,15 +242,24 @@ class EngineRun:
                 self.choice.tokens, self.choice.nudged_tokens = stats["emitted_tokens"], stats["nudged_tokens"]
 
     def abort_now(self) -> None:
-        """Synchronous, so that it also runs inside a cancelled task: the engine frees the pages."""
+        """Abort the engine request now, from a worker thread: it is started without awaiting, so it
+        also happens inside a cancelled task (a client that left), and the event loop does not wait
+        for the engine's lock while a step runs."""
         if self.closed:
             return
         self.closed = True
         if self.gen is not None and not self.engine_done:
-            try:
-                self.st.aengine.abort(self.rid)
-            except (ValueError, KeyError):
-                pass  # it finished meanwhile
+            abort, rid = self.st.aengine.abort, self.rid
+
+            def call():
+                try:
+                    abort(rid)
+                except (ValueError, KeyError):
+                    pass  # it finished meanwhile
+                except Exception:  # noqa: BLE001 -- a failing abort must not take the server down
+                    log.exception("abort of %s failed", rid)
+
+            asyncio.get_running_loop().run_in_executor(None, call)
 
     async def close(self) -> None:
         self.abort_now()
