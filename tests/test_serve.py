@@ -215,6 +215,18 @@ def test_stop_strings_end_the_text_without_them(served):
     assert streamed == want
 
 
+def test_stop_token_ids_add_to_the_end_of_answer_ids(served):
+    url, ref = served
+    cl = client(url)
+    msgs = [{"role": "user", "content": QUESTIONS[0]}]
+    first = ref.generate([QUESTIONS[0]], nf.NudgeConfig(mode="base_only", max_new_tokens=8))[0].token_ids
+    assert len(first) == 8
+    r = cl.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8,
+                                   extra_body={"stop_token_ids": [first[3]], "nudging": {"mode": "base_only"}})
+    want = ref.base.tokenizer.decode(first[:first.index(first[3])])
+    assert r.choices[0].message.content == want and r.choices[0].finish_reason == "stop"
+
+
 # ---- load with disconnects -------------------------------------------------------------------------
 def test_load_with_disconnects_then_nothing_left_running(served):
     url, _ = served

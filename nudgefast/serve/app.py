@@ -126,8 +126,11 @@ def build_config(st: ServerState, params):
         if m.tokenizer is None:
             raise bad(f"the {side} model has no tokenizer.json: this server cannot take text", param="nudging.mode")
     if params.stop_token_ids:
-        cfg = dataclasses.replace(cfg, stop_token_ids=sorted(_default_stop_ids(st.engine, _sides(cfg.mode))
-                                                             | set(params.stop_token_ids)))
+        try:
+            cfg = dataclasses.replace(cfg, stop_token_ids=sorted(_default_stop_ids(st.engine, _sides(cfg.mode))
+                                                                 | set(params.stop_token_ids)))
+        except ValueError as e:
+            raise bad(str(e), param="stop_token_ids") from None
     return cfg
 
 
