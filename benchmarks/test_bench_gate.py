@@ -5,7 +5,9 @@
 One decode step of nudging (word granularity, top-prob gate) for the whole batch: base statistics,
 both candidates, the rule, the ending and the splice of both cursors. Vocabularies: 49152
 (SmolLM2) and 262144 (gemma-3), batch 1 and 8, greedy / temperature / temperature + top-p 0.9.
-CPU: the reference (the CPU engine's step). CUDA (skipped without it): the reference on the GPU and
+The "mixed" case gives the rows of one batch different samplers (greedy, temperature, top-p in
+turn: per-row parameters, one launch). CPU: the reference (the CPU engine's step). CUDA (skipped
+without it): the reference on the GPU and
 the Triton kernel, bf16 logits. Logits are language-model shaped (see _lm_like). Every timed call
 first resets n_out, finished and the cursor positions (a few tiny ops, the same for both), so no
 row finishes during the measurement.
@@ -13,13 +15,14 @@ row finishes during the measurement.
 import pytest
 import torch
 
-from nudgefast.kernels.nudge_gate import (GATE_TOP_PROB, MODE_NUDGING, STATE_NUDGE, GateParams, GateState,
-                                          ModelCursor, nudge_step, nudge_step_ref)
+from nudgefast.kernels.nudge_gate import (MODE_NUDGING, GateParams, ModelCursor, new_gate_state, nudge_step,
+                                          nudge_step_ref, set_row, set_row_params)
+from nudgefast.kernels.sample import sample_mode
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 VOCABS = (49_152, 262_144)
 BATCHES = (1, 8)
-SAMPLING = {"greedy": (0.0, 1.0), "temp": (0.7, 1.0), "top_p": (0.7, 0.9)}
+SAMPLING = {"greedy": (0.0, 1.0), "temp": (0.7, 1.0), "top_p": (0.7, 0.9), "mixed": None}
 PAGE, PAGES = 16, 64
 
 
@@ -38,18 +41,11 @@ def _inputs(batch, vocab, dtype, device):
     base_logits = _lm_like(batch, vocab, gen).to(dtype).to(device)
     nudger_logits = _lm_like(batch, vocab, gen).to(dtype).to(device)
     max_new = 64
-    state = GateState(
-        seed=torch.randint(0, 2**62, (batch,), generator=gen).to(device),
-        word_state=torch.full((batch,), STATE_NUDGE, dtype=torch.int32, device=device),
-        span=torch.ones(batch, dtype=torch.int32, device=device),
-        finished=torch.zeros(batch, dtype=torch.int32, device=device),
-        n_out=torch.zeros(batch, dtype=torch.int32, device=device),
-        n_nudged=torch.zeros(batch, dtype=torch.int32, device=device),
-        out_tokens=torch.zeros(batch, max_new, dtype=torch.int32, device=device),
-        out_from_nudger=torch.zeros(batch, max_new, dtype=torch.int8, device=device),
-        stop_ids=torch.tensor([-1], dtype=torch.int64, device=device),
-        word_start=(torch.rand(vocab, generator=gen) < 0.5).to(device),
-    )
+    seeds = torch.randint(0, 2**62, (batch,), generator=gen).tolist()
+    state = new_gate_state(batch, out_width=max_new, word_start=torch.rand(vocab, generator=gen) < 0.5, device=device)
+    for r, seed in enumerate(seeds):
+        set_row(state, r, seed=seed, gate="top_prob", threshold=0.4, granularity="word", temperature=0.0,
+                top_p=1.0, max_new_tokens=max_new, stop_ids=[], span=1)
 
     def cursor():
         pos = torch.full((batch,), 100, dtype=torch.int64, device=device)
@@ -61,10 +57,20 @@ def _inputs(batch, vocab, dtype, device):
     return base_logits, nudger_logits, state, cursor(), cursor()
 
 
+def set_sampling(state, sampling) -> GateParams:
+    """Every row with SAMPLING[sampling], or ("mixed") the three samplers in turn; the batch's params."""
+    rows = state.seed.shape[0]
+    per_row = [SAMPLING[sampling]] * rows if SAMPLING[sampling] else [
+        (0.0, 1.0), (0.7, 1.0), (0.7, 0.9)] * (rows // 3) + [(0.7, 0.9)] * (rows % 3)
+    for r, (temperature, top_p) in enumerate(per_row):
+        set_row_params(state, r, gate="top_prob", threshold=0.4, granularity="word", temperature=temperature,
+                       top_p=top_p, max_new_tokens=int(state.max_new[r]))
+    return GateParams(MODE_NUDGING, max(sample_mode(t, p) for t, p in per_row))
+
+
 def _run(benchmark, step, batch, vocab, sampling, dtype, device):
-    temperature, top_p = SAMPLING[sampling]
     base_logits, nudger_logits, state, base, nudger = _inputs(batch, vocab, dtype, device)
-    params = GateParams(MODE_NUDGING, GATE_TOP_PROB, 0.4, True, temperature, top_p, 64)
+    params = set_sampling(state, sampling)
     start = base.positions.clone()
 
     def once():
@@ -77,7 +83,31 @@ def _run(benchmark, step, batch, vocab, sampling, dtype, device):
             torch.cuda.synchronize()
 
     once()  # compile (Triton) / warm up outside the timing
+    if step is not nudge_step_ref:
+        check_against_reference(step, base_logits, nudger_logits, state, params, base, nudger, start)
     benchmark(once)
+
+
+def _copy(obj):
+    return type(obj)(**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in vars(obj).items()})
+
+
+def check_against_reference(step, base_logits, nudger_logits, state, params, base, nudger, start):
+    """What is timed computes what the reference computes: one step from the timed start state,
+    every state and cursor tensor compared (same logits, same device)."""
+    runs = []
+    for fn in (step, nudge_step_ref):
+        s, b, n = _copy(state), _copy(base), _copy(nudger)
+        s.n_out.zero_()
+        s.finished.zero_()
+        b.positions.copy_(start)
+        n.positions.copy_(start)
+        fn(base_logits, nudger_logits, s, params, b, n)
+        runs.append((s, b, n))
+    for got, want in zip(*runs):
+        for k, v in vars(got).items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(v, getattr(want, k)), f"{step.__name__}: {k} differs from the reference"
 
 
 CASES = [(v, b, s) for v in VOCABS for b in BATCHES for s in SAMPLING]

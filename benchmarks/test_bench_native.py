@@ -18,8 +18,9 @@ import torch
 pytest.importorskip("nudgefast._C", reason="native CPU ops not built (pip install --no-build-isolation -e .)")
 
 from nudgefast.kernels.kv_store import store_kv_ref  # noqa: E402
-from nudgefast.kernels.nudge_gate import (GATE_TOP_PROB, MODE_NUDGING, STATE_NUDGE, GateParams,  # noqa: E402
-                                          GateState, ModelCursor, nudge_step_ref)
+from nudgefast.kernels.nudge_gate import (MODE_NUDGING, GateParams, ModelCursor, new_gate_state,  # noqa: E402
+                                          nudge_step_ref, set_row)
+from nudgefast.kernels.sample import sample_mode  # noqa: E402
 from nudgefast.kernels.paged_decode_attention import paged_decode_attention_ref  # noqa: E402
 from nudgefast.kernels.paged_prefill_attention import paged_prefill_attention_ref  # noqa: E402
 from nudgefast.native import nudge_step_native  # noqa: E402
@@ -29,6 +30,13 @@ PAGE_SIZE = 16
 SMOLLM2 = ("smollm2", 9, 3, 64)  # (name, Hq, Hkv, D)
 GEMMA3 = ("gemma3", 4, 1, 256)
 IMPLS = ("native", "ref")
+
+
+def _same(got, want, dtype=torch.float32):
+    """The timed op's result equals the reference's once, before the timing (float32 summation
+    order differs between the two: tolerances as in tests/test_native_ops.py)."""
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(got.float(), want.float(), **tol)
 
 
 def _row_lengths(batch, seq):
@@ -62,6 +70,8 @@ def test_decode_attention(benchmark, impl, model, batch, dtype):
     scale = head_dim ** -0.5
     if impl == "native":
         cu = torch.arange(batch + 1, dtype=torch.int32)
+        _same(OPS.paged_attention(q, k_pages, v_pages, block_tables, lens, cu, scale, 0, 0.0),
+              paged_decode_attention_ref(q, k_pages, v_pages, block_tables, lens, scale, 0, 0.0), dtype)
         benchmark(OPS.paged_attention, q, k_pages, v_pages, block_tables, lens, cu, scale, 0, 0.0)
     else:
         benchmark(paged_decode_attention_ref, q, k_pages, v_pages, block_tables, lens, scale, 0, 0.0)
@@ -77,6 +87,9 @@ def test_prefill_attention(benchmark, impl, model):
     q = torch.randn(64, n_q_heads, head_dim)
     cu = torch.tensor([0, 64], dtype=torch.int32)
     fn = OPS.paged_attention if impl == "native" else paged_prefill_attention_ref
+    if impl == "native":
+        _same(fn(q, k_pages, v_pages, block_tables, lens, cu, head_dim ** -0.5, 0, 0.0),
+              paged_prefill_attention_ref(q, k_pages, v_pages, block_tables, lens, cu, head_dim ** -0.5, 0, 0.0))
     benchmark(fn, q, k_pages, v_pages, block_tables, lens, cu, head_dim ** -0.5, 0, 0.0)
 
 
@@ -88,6 +101,11 @@ def test_store_kv(benchmark, impl, n_tokens):
     k_pages, v_pages, _, _ = _cache(SMOLLM2, [1024], torch.float32)
     k, v = torch.randn(n_tokens, 3, 64), torch.randn(n_tokens, 3, 64)
     slots = torch.randperm(k_pages.shape[0] * PAGE_SIZE)[:n_tokens]
+    if impl == "native":
+        pages = [(k_pages.clone(), v_pages.clone()) for _ in range(2)]
+        OPS.store_kv(k, v, *pages[0], slots)
+        store_kv_ref(k, v, *pages[1], slots)
+        assert torch.equal(pages[0][0], pages[1][0]) and torch.equal(pages[0][1], pages[1][1])
     benchmark(OPS.store_kv if impl == "native" else store_kv_ref, k, v, k_pages, v_pages, slots)
 
 
@@ -98,21 +116,14 @@ def _lm_like(batch, vocab, gen):
     return logits
 
 
-def _gate_inputs(batch, vocab, max_new=64):
+def _gate_inputs(batch, vocab, temperature, top_p, max_new=64):
     gen = torch.Generator().manual_seed(batch * vocab)
     logits = _lm_like(batch, vocab, gen), _lm_like(batch, vocab, gen)
-    state = GateState(
-        seed=torch.randint(0, 2**62, (batch,), generator=gen),
-        word_state=torch.full((batch,), STATE_NUDGE, dtype=torch.int32),
-        span=torch.ones(batch, dtype=torch.int32),
-        finished=torch.zeros(batch, dtype=torch.int32),
-        n_out=torch.zeros(batch, dtype=torch.int32),
-        n_nudged=torch.zeros(batch, dtype=torch.int32),
-        out_tokens=torch.zeros(batch, max_new, dtype=torch.int32),
-        out_from_nudger=torch.zeros(batch, max_new, dtype=torch.int8),
-        stop_ids=torch.tensor([-1], dtype=torch.int64),
-        word_start=torch.rand(vocab, generator=gen) < 0.5,
-    )
+    seeds = torch.randint(0, 2**62, (batch,), generator=gen).tolist()
+    state = new_gate_state(batch, out_width=max_new, word_start=torch.rand(vocab, generator=gen) < 0.5)
+    for r, seed in enumerate(seeds):
+        set_row(state, r, seed=seed, gate="top_prob", threshold=0.4, granularity="word", temperature=temperature,
+                top_p=top_p, max_new_tokens=max_new, stop_ids=[], span=1)
 
     def cursor():
         pos = torch.full((batch,), 100, dtype=torch.int64)
@@ -133,8 +144,8 @@ def test_nudge_step(benchmark, impl, sampling, batch):
     """Word granularity, top-prob gate, vocabulary 49152. State and cursors are re-made before every
     timed call (outside the timing), so no row finishes during the measurement."""
     benchmark.group = f"nudge_step-v49152-b{batch}-{sampling}"
-    (base_logits, nudger_logits), state, cursors = _gate_inputs(batch, 49_152)
-    params = GateParams(MODE_NUDGING, GATE_TOP_PROB, 0.4, True, *SAMPLING[sampling], 64)
+    (base_logits, nudger_logits), state, cursors = _gate_inputs(batch, 49_152, *SAMPLING[sampling])
+    params = GateParams(MODE_NUDGING, sample_mode(*SAMPLING[sampling]))
     fn = nudge_step_native if impl == "native" else nudge_step_ref
 
     def fresh():
@@ -142,6 +153,16 @@ def test_nudge_step(benchmark, impl, sampling, batch):
                                     for k, v in vars(o).items()})
         return (base_logits, nudger_logits, copy(state), params, copy(cursors[0]), copy(cursors[1])), {}
 
+    if impl == "native":  # every state and cursor tensor equals the reference's after one step
+        runs = [fresh()[0] for _ in range(2)]
+        nudge_step_native(*runs[0])
+        nudge_step_ref(*runs[1])
+        for got, want in zip(runs[0][2:], runs[1][2:]):
+            if got is params:
+                continue
+            for k, v in vars(got).items():
+                if isinstance(v, torch.Tensor):
+                    assert torch.equal(v, getattr(want, k)), f"nudge_step_native: {k} differs from the reference"
     benchmark.pedantic(fn, setup=fresh, rounds=30 if impl == "ref" else 200, warmup_rounds=2)
 
 
@@ -174,6 +195,7 @@ def test_block_linear(benchmark, impl, m, name):
     w = _block_weight(n, k, bits)
     x = torch.randn(m, k)
     if impl == "native":
+        _same(OPS.block_linear(x, w.codes, w.scale, w.offset, w.bits, w.block), block_linear_ref(x, w))
         benchmark(OPS.block_linear, x, w.codes, w.scale, w.offset, w.bits, w.block)
     elif impl == "dense":  # what weights="dense" runs: float32 weights, 4-8x the bytes
         dense = w.dequantize()

@@ -1,6 +1,7 @@
 // nudge_step: the fused nudging decode step on the CPU, with the semantics of nudge_step_ref in
-// kernels/nudge_gate.py (its docstring states the rule, the ending and the splice). Per running row
-// (finished == 0; finished rows are not touched, cursors included):
+// kernels/nudge_gate.py (its docstring states the rule, the ending and the splice). Every row carries its
+// own parameters (gate, threshold, granularity, sampler, max_new, stop ids); mode and max_sample are
+// the batch's. Per running row (finished == 0; finished rows are not touched, cursors included):
 //   candidates b (base logits, stream 0) and n (nudger logits, stream 1) at step n_out, and the
 //   gate statistics of the base row from the same first pass (sampler.h); the rule; the ending;
 //   and the splice into each given cursor.
@@ -100,7 +101,9 @@ void nudge_step(const std::optional<at::Tensor>& base_logits_in, const std::opti
                 const at::Tensor& seed, const at::Tensor& word_state, const at::Tensor& span,
                 const at::Tensor& finished, const at::Tensor& n_out, const at::Tensor& n_nudged,
                 const at::Tensor& out_tokens, const at::Tensor& out_from_nudger, const at::Tensor& stop_ids,
-                const at::Tensor& word_start,
+                const at::Tensor& word_start, const at::Tensor& gate, const at::Tensor& threshold,
+                const at::Tensor& word_level, const at::Tensor& inv_temp, const at::Tensor& top_p,
+                const at::Tensor& sample_mode, const at::Tensor& max_new,
                 const std::optional<at::Tensor>& base_input_ids, const std::optional<at::Tensor>& base_positions,
                 const std::optional<at::Tensor>& base_seq_lens, const std::optional<at::Tensor>& base_slot_mapping,
                 const std::optional<at::Tensor>& base_block_tables, int64_t base_page_size,
@@ -108,14 +111,11 @@ void nudge_step(const std::optional<at::Tensor>& base_logits_in, const std::opti
                 const std::optional<at::Tensor>& nudger_seq_lens,
                 const std::optional<at::Tensor>& nudger_slot_mapping,
                 const std::optional<at::Tensor>& nudger_block_tables, int64_t nudger_page_size,
-                int64_t mode, int64_t gate, double threshold, bool word_level, double temperature, double top_p,
-                int64_t max_new_tokens) {
+                int64_t mode, int64_t max_sample) {
   TORCH_CHECK_VALUE(mode == kModeNudging || mode == kModeBaseOnly || mode == kModeNudgerOnly,
                     "nudge_step: mode must be MODE_NUDGING, MODE_BASE_ONLY or MODE_NUDGER_ONLY, got ", mode);
-  TORCH_CHECK_VALUE(gate == kGateTopProb || gate == kGateEntropy,
-                    "nudge_step: gate must be GATE_TOP_PROB or GATE_ENTROPY, got ", gate);
-  TORCH_CHECK_VALUE(max_new_tokens >= 1, "nudge_step: max_new_tokens must be >= 1, got ", max_new_tokens);
-  const SampleSpec spec = make_sample_spec(temperature, top_p);
+  TORCH_CHECK_VALUE(max_sample >= kSampleGreedy && max_sample <= kSampleNucleus,
+                    "nudge_step: max_sample must be SAMPLE_GREEDY, SAMPLE_GUMBEL or SAMPLE_NUCLEUS, got ", max_sample);
 
   TORCH_CHECK_VALUE(seed.dim() == 1, "nudge_step: seed must be a 1-D int64 tensor, got shape ", seed.sizes());
   const int64_t B = seed.size(0);
@@ -127,15 +127,20 @@ void nudge_step(const std::optional<at::Tensor>& base_logits_in, const std::opti
   check_state_tensor(n_nudged, "n_nudged", at::kInt, B);
   check_state_tensor(out_tokens, "out_tokens", at::kInt, B);
   check_state_tensor(out_from_nudger, "out_from_nudger", at::kChar, B);
-  TORCH_CHECK_VALUE(out_tokens.dim() == 2 && out_from_nudger.sizes() == out_tokens.sizes(),
-                    "nudge_step: out_tokens and out_from_nudger must both be [B, max_new], got ", out_tokens.sizes(),
-                    " and ", out_from_nudger.sizes());
-  TORCH_CHECK_VALUE(max_new_tokens <= out_tokens.size(1), "nudge_step: max_new_tokens=", max_new_tokens,
-                    " exceeds out_tokens width ", out_tokens.size(1));
-  check_state_tensor(stop_ids, "stop_ids", at::kLong, -1);
+  TORCH_CHECK_VALUE(out_tokens.dim() == 2 && out_tokens.size(1) >= 1 && out_from_nudger.sizes() == out_tokens.sizes(),
+                    "nudge_step: out_tokens and out_from_nudger must both be [B, Wout], Wout >= 1, got ",
+                    out_tokens.sizes(), " and ", out_from_nudger.sizes());
+  check_state_tensor(stop_ids, "stop_ids", at::kLong, B);
   check_state_tensor(word_start, "word_start", at::kBool, -1);
-  TORCH_CHECK_VALUE(stop_ids.dim() == 1 && stop_ids.size(0) >= 1,
-                    "nudge_step: stop_ids must be int64 [S] with S >= 1 (a single -1 for none)");
+  TORCH_CHECK_VALUE(stop_ids.dim() == 2 && stop_ids.size(1) >= 1,
+                    "nudge_step: stop_ids must be int64 [B, S] with S >= 1 (-1 = none), got ", stop_ids.sizes());
+  check_state_tensor(gate, "gate", at::kInt, B);
+  check_state_tensor(threshold, "threshold", at::kFloat, B);
+  check_state_tensor(word_level, "word_level", at::kInt, B);
+  check_state_tensor(inv_temp, "inv_temp", at::kFloat, B);
+  check_state_tensor(top_p, "top_p", at::kFloat, B);
+  check_state_tensor(sample_mode, "sample_mode", at::kInt, B);
+  check_state_tensor(max_new, "max_new", at::kInt, B);
   TORCH_CHECK_VALUE(word_start.dim() == 1 && word_start.size(0) >= 1, "nudge_step: word_start must be bool [W]");
 
   const bool need_base = mode != kModeNudgerOnly, need_nudger = mode != kModeBaseOnly;
@@ -168,8 +173,15 @@ void nudge_step(const std::optional<at::Tensor>& base_logits_in, const std::opti
   int32_t* otok = out_tokens.mutable_data_ptr<int32_t>();
   int8_t* ofrom = out_from_nudger.mutable_data_ptr<int8_t>();
   const int64_t width = out_tokens.size(1);
-  const int64_t* stops = stop_ids.const_data_ptr<int64_t>();
-  const int64_t n_stops = stop_ids.size(0);
+  const int64_t* stop_rows = stop_ids.const_data_ptr<int64_t>();
+  const int64_t n_stops = stop_ids.size(1);
+  const int32_t* gates = gate.const_data_ptr<int32_t>();
+  const float* thresholds = threshold.const_data_ptr<float>();
+  const int32_t* words = word_level.const_data_ptr<int32_t>();
+  const float* inv_temps = inv_temp.const_data_ptr<float>();
+  const float* top_ps = top_p.const_data_ptr<float>();
+  const int32_t* modes = sample_mode.const_data_ptr<int32_t>();
+  const int32_t* max_news = max_new.const_data_ptr<int32_t>();
   const bool* wstart = word_start.const_data_ptr<bool>();
   const int64_t n_words = word_start.size(0);
 
@@ -177,6 +189,10 @@ void nudge_step(const std::optional<at::Tensor>& base_logits_in, const std::opti
   std::vector<int64_t> items;  // row * 2 + (0 base, 1 nudger)
   for (int64_t r = 0; r < B; ++r) {
     if (fin[r] != kFinishNone) continue;
+    TORCH_CHECK_VALUE(modes[r] >= kSampleGreedy && modes[r] <= kSampleNucleus, "nudge_step: sample_mode[", r,
+                      "] must be SAMPLE_GREEDY, SAMPLE_GUMBEL or SAMPLE_NUCLEUS, got ", modes[r]);
+    TORCH_CHECK_VALUE(gates[r] == kGateTopProb || gates[r] == kGateEntropy, "nudge_step: gate[", r,
+                      "] must be GATE_TOP_PROB or GATE_ENTROPY, got ", gates[r]);
     if (need_base) items.push_back(r * 2);
     if (need_nudger) items.push_back(r * 2 + 1);
   }
@@ -187,13 +203,13 @@ void nudge_step(const std::optional<at::Tensor>& base_logits_in, const std::opti
       const bool nudger = items[i] % 2 == 1;
       const at::Tensor& lg = nudger ? nudger_logits : base_logits;
       const void* row = static_cast<const char*>(lg.const_data_ptr()) + r * lg.stride(0) * lg.element_size();
+      const SampleSpec spec = row_sample_spec(modes[r], inv_temps[r], top_ps[r], max_sample);
       if (nudger) {
         cand[r].n = sample_row(row, lg.scalar_type(), lg.size(1), seeds[r], nout[r], 1, spec, nullptr);
       } else if (mode == kModeNudging) {
         GateStats stats;
         cand[r].b = sample_row(row, lg.scalar_type(), lg.size(1), seeds[r], nout[r], 0, spec, &stats);
-        cand[r].confident = gate == kGateTopProb ? stats.p_top >= static_cast<float>(threshold)
-                                                 : stats.entropy <= static_cast<float>(threshold);
+        cand[r].confident = gates[r] == kGateTopProb ? stats.p_top >= thresholds[r] : stats.entropy <= thresholds[r];
       } else {
         cand[r].b = sample_row(row, lg.scalar_type(), lg.size(1), seeds[r], nout[r], 0, spec, nullptr);
       }
@@ -204,10 +220,11 @@ void nudge_step(const std::optional<at::Tensor>& base_logits_in, const std::opti
   for (int64_t r = 0; r < B; ++r) {
     if (fin[r] != kFinishNone) continue;
     const int64_t b = need_base ? cand[r].b : cand[r].n, n = need_nudger ? cand[r].n : cand[r].b;
+    const int64_t* stops = stop_rows + r * n_stops;
     bool take_b = mode == kModeBaseOnly;
     if (mode == kModeNudging) {
       const bool confident = cand[r].confident, b_ok = !in_set(b, stops, n_stops);
-      if (word_level) {
+      if (words[r] != 0) {
         const bool in_base = ws[r] == kStateBase;
         const bool n_word_start = n >= 0 && n < n_words && wstart[n];
         const bool to_base = sp[r] >= 1 && n_word_start && (confident || b == n) && b_ok;
@@ -224,14 +241,12 @@ void nudge_step(const std::optional<at::Tensor>& base_logits_in, const std::opti
       fin[r] = kFinishStop;
       continue;
     }
-    const int64_t col = nout[r];
-    if (col >= 0 && col < max_new_tokens && col < width) {
-      otok[r * width + col] = static_cast<int32_t>(token);
-      ofrom[r * width + col] = from_nudger ? 1 : 0;
-    }
+    const int64_t col = ((nout[r] % width) + width) % width;  // the ring's column of output step n_out
+    otok[r * width + col] = static_cast<int32_t>(token);
+    ofrom[r * width + col] = from_nudger ? 1 : 0;
     nout[r] += 1;
     nnud[r] += from_nudger ? 1 : 0;
-    if (nout[r] >= max_new_tokens) {
+    if (nout[r] >= max_news[r]) {
       fin[r] = kFinishLength;
       continue;
     }

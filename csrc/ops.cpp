@@ -15,19 +15,23 @@ TORCH_LIBRARY(nudgefast, m) {
   // paged_attention.cpp: q [T, Hq, D]; block_tables int32 [B, P]; seq_lens int32 [B]; cu_q_lens int32 [B+1].
   m.def("paged_attention(Tensor q, Tensor k_pages, Tensor v_pages, Tensor block_tables, Tensor seq_lens, "
         "Tensor cu_q_lens, float scale, int window, float softcap) -> Tensor");
-  // nudge_gate.cpp: GateState fields, then each ModelCursor's (input_ids, positions, seq_lens, slot_mapping,
-  // block_tables, page_size) or Nones, then GateParams fields. Everything marked ! is updated in place.
+  // nudge_gate.cpp: GateState fields (per-row parameters included), then each ModelCursor's (input_ids,
+  // positions, seq_lens, slot_mapping, block_tables, page_size) or Nones, then GateParams fields.
+  // Everything marked ! is updated in place.
   m.def("nudge_step(Tensor? base_logits, Tensor? nudger_logits, Tensor seed, Tensor(a!) word_state, "
         "Tensor(b!) span, Tensor(c!) finished, Tensor(d!) n_out, Tensor(e!) n_nudged, Tensor(f!) out_tokens, "
-        "Tensor(g!) out_from_nudger, Tensor stop_ids, Tensor word_start, "
+        "Tensor(g!) out_from_nudger, Tensor stop_ids, Tensor word_start, Tensor gate, Tensor threshold, "
+        "Tensor word_level, Tensor inv_temp, Tensor top_p, Tensor sample_mode, Tensor max_new, "
         "Tensor(h!)? base_input_ids, Tensor(i!)? base_positions, Tensor(j!)? base_seq_lens, "
         "Tensor(k!)? base_slot_mapping, Tensor? base_block_tables, int base_page_size, "
         "Tensor(l!)? nudger_input_ids, Tensor(m!)? nudger_positions, Tensor(n!)? nudger_seq_lens, "
         "Tensor(o!)? nudger_slot_mapping, Tensor? nudger_block_tables, int nudger_page_size, "
-        "int mode, int gate, float threshold, bool word_level, float temperature, float top_p, "
-        "int max_new_tokens) -> ()");
-  // sampler.cpp: one candidate per row (sample_ref), and the RNG's hashes and noise (rng.hash_ref, gumbel_ref).
+        "int mode, int max_sample) -> ()");
+  // sampler.cpp: one candidate per row (sample_ref; sample_rows_ref with per-row parameters), and the
+  // RNG's hashes and noise (rng.hash_ref, gumbel_ref).
   m.def("sample(Tensor logits, Tensor seed, Tensor step, int stream, float temperature, float top_p) -> Tensor");
+  m.def("sample_rows(Tensor logits, Tensor seed, Tensor step, int stream, Tensor inv_temp, Tensor top_p, "
+        "Tensor mode, int max_sample) -> Tensor");
   m.def("rng_noise(Tensor seed, Tensor step, int stream, int n) -> (Tensor, Tensor)");
   // block_linear.cpp: x float32 [M, K] @ W.T for W in quantized blocks (nudgefast/blocks.py BlockWeight).
   m.def("block_linear(Tensor x, Tensor codes, Tensor scale, Tensor offset, int bits, int block) -> Tensor");
@@ -40,6 +44,7 @@ TORCH_LIBRARY_IMPL(nudgefast, CPU, m) {
   m.impl("paged_attention", &nudgefast::paged_attention);
   m.impl("nudge_step", &nudgefast::nudge_step);
   m.impl("sample", &nudgefast::sample);
+  m.impl("sample_rows", &nudgefast::sample_rows);
   m.impl("rng_noise", &nudgefast::rng_noise);
   m.impl("block_linear", &nudgefast::block_linear);
   m.impl("rms_norm", &nudgefast::rms_norm);

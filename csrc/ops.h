@@ -21,12 +21,15 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_pages, const
                            const at::Tensor& cu_q_lens, double scale, int64_t window, double softcap);
 
 // nudge_gate.cpp: one fused nudging decode step in place (nudge_step_ref of kernels/nudge_gate.py),
-// GateState, both ModelCursors and GateParams passed field by field; see ops.cpp for the schema.
+// GateState (its per-row parameters included), both ModelCursors and GateParams passed field by
+// field; see ops.cpp for the schema.
 void nudge_step(const std::optional<at::Tensor>& base_logits, const std::optional<at::Tensor>& nudger_logits,
                 const at::Tensor& seed, const at::Tensor& word_state, const at::Tensor& span,
                 const at::Tensor& finished, const at::Tensor& n_out, const at::Tensor& n_nudged,
                 const at::Tensor& out_tokens, const at::Tensor& out_from_nudger, const at::Tensor& stop_ids,
-                const at::Tensor& word_start,
+                const at::Tensor& word_start, const at::Tensor& gate, const at::Tensor& threshold,
+                const at::Tensor& word_level, const at::Tensor& inv_temp, const at::Tensor& top_p,
+                const at::Tensor& sample_mode, const at::Tensor& max_new,
                 const std::optional<at::Tensor>& base_input_ids, const std::optional<at::Tensor>& base_positions,
                 const std::optional<at::Tensor>& base_seq_lens, const std::optional<at::Tensor>& base_slot_mapping,
                 const std::optional<at::Tensor>& base_block_tables, int64_t base_page_size,
@@ -34,8 +37,7 @@ void nudge_step(const std::optional<at::Tensor>& base_logits, const std::optiona
                 const std::optional<at::Tensor>& nudger_seq_lens,
                 const std::optional<at::Tensor>& nudger_slot_mapping,
                 const std::optional<at::Tensor>& nudger_block_tables, int64_t nudger_page_size,
-                int64_t mode, int64_t gate, double threshold, bool word_level, double temperature, double top_p,
-                int64_t max_new_tokens);
+                int64_t mode, int64_t max_sample);
 
 // block_linear.cpp: y = x @ W.T, x float32 [M, K], W [N, K] as codes + per-block scale/offset
 // (nudgefast/blocks.py); bits 4 with block 32, or bits 8 with block 32 or 16. Returns [M, N].

@@ -317,6 +317,58 @@ at::Tensor sample(const at::Tensor& logits_in, const at::Tensor& seed, const at:
   return out;
 }
 
+SampleSpec row_sample_spec(int32_t mode, float inv_temp, float top_p, int64_t max_sample) {
+  SampleSpec spec;
+  spec.mode = static_cast<int>(std::min<int64_t>(mode, max_sample));
+  spec.inv_temp = inv_temp;
+  spec.top_p = top_p;
+  return spec;
+}
+
+void check_row_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t B) {
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == B, name, " must be [", B, "], got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be on the CPU for the native op, got ", t.device());
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
+}
+
+at::Tensor sample_rows(const at::Tensor& logits_in, const at::Tensor& seed, const at::Tensor& step, int64_t stream,
+                       const at::Tensor& inv_temp, const at::Tensor& top_p, const at::Tensor& mode,
+                       int64_t max_sample) {
+  check_logits(logits_in, "logits");
+  TORCH_CHECK_VALUE(max_sample >= kSampleGreedy && max_sample <= kSampleNucleus,
+                    "max_sample must be SAMPLE_GREEDY, SAMPLE_GUMBEL or SAMPLE_NUCLEUS, got ", max_sample);
+  const int64_t B = logits_in.size(0), V = logits_in.size(1);
+  TORCH_CHECK_VALUE(seed.scalar_type() == at::kLong && seed.dim() == 1 && seed.size(0) == B,
+                    "seed must be int64 [", B, "], got ", seed.scalar_type(), " ", seed.sizes());
+  TORCH_CHECK_VALUE((step.scalar_type() == at::kInt || step.scalar_type() == at::kLong) && step.dim() == 1 &&
+                        step.size(0) == B,
+                    "step must be int32 [", B, "], got ", step.scalar_type(), " ", step.sizes());
+  check_row_tensor(inv_temp, "inv_temp", at::kFloat, B);
+  check_row_tensor(top_p, "top_p", at::kFloat, B);
+  check_row_tensor(mode, "mode", at::kInt, B);
+  const float* it = inv_temp.const_data_ptr<float>();
+  const float* tp = top_p.const_data_ptr<float>();
+  const int32_t* md = mode.const_data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK_VALUE(md[b] >= kSampleGreedy && md[b] <= kSampleNucleus, "mode[", b,
+                      "] must be SAMPLE_GREEDY, SAMPLE_GUMBEL or SAMPLE_NUCLEUS, got ", md[b]);
+  const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
+  const at::Tensor seeds = seed.contiguous(), steps = step.to(at::kLong).contiguous();
+  at::Tensor out = at::empty({B}, seed.options());
+  const int64_t* sd = seeds.const_data_ptr<int64_t>();
+  const int64_t* st = steps.const_data_ptr<int64_t>();
+  int64_t* o = out.mutable_data_ptr<int64_t>();
+  const char* base = static_cast<const char*>(logits.const_data_ptr());
+  const int64_t row_bytes = logits.stride(0) * logits.element_size();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      o[b] = sample_row(base + b * row_bytes, logits.scalar_type(), V, sd[b], st[b], stream,
+                        row_sample_spec(md[b], it[b], tp[b], max_sample), nullptr);
+  });
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor> rng_noise(const at::Tensor& seed, const at::Tensor& step, int64_t stream,
                                              int64_t n) {
   TORCH_CHECK_VALUE(seed.scalar_type() == at::kLong && seed.dim() == 1, "seed must be a 1-D int64 tensor, got ",

@@ -39,6 +39,18 @@ int64_t sample_row(const void* row, c10::ScalarType dtype, int64_t V, int64_t se
 at::Tensor sample(const at::Tensor& logits, const at::Tensor& seed, const at::Tensor& step, int64_t stream,
                   double temperature, double top_p);
 
+// Op: one candidate per row with that row's sampler, int64 [B] (sample_rows_ref): inv_temp float32 [B],
+// top_p float32 [B], mode int32 [B]; a row uses min(mode, max_sample).
+at::Tensor sample_rows(const at::Tensor& logits, const at::Tensor& seed, const at::Tensor& step, int64_t stream,
+                       const at::Tensor& inv_temp, const at::Tensor& top_p, const at::Tensor& mode,
+                       int64_t max_sample);
+
+// The sampler of one row from its per-row parameters (mode clamped to max_sample).
+SampleSpec row_sample_spec(int32_t mode, float inv_temp, float top_p, int64_t max_sample);
+
+// Checks a per-row parameter tensor: dtype, [B], CPU, contiguous.
+void check_row_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t B);
+
 // Op (tests and debugging): hashes (int64 [B, n]) and Gumbel noise (float32 [B, n]) of vocab indices
 // 0..n-1 for each row's (seed, step) and the stream, as rng.hash_ref / rng.gumbel_ref.
 std::tuple<at::Tensor, at::Tensor> rng_noise(const at::Tensor& seed, const at::Tensor& step, int64_t stream,

@@ -1,11 +1,15 @@
 """The fused nudging step: gate statistics, both candidates, the rule, the ending, and the splice.
 
-One decode step of DESIGN section 1 for a whole batch, in place on device tensors. Per running row
-(finished == 0; finished rows are not touched at all, cursors included):
+One decode step of DESIGN section 1 for a whole batch, in place on device tensors. Every row carries
+its own parameters in GateState (gate, threshold, granularity, temperature, top_p, max_new, stop ids),
+so requests with different settings share one launch; only the mode (which logits exist) and the
+most general sampler are compile-time (GateParams). Per running row (finished == 0; finished rows
+are not touched at all, cursors included), with that row's parameters:
 1. p = max softmax and H = entropy (nats) of the untempered base logits, in ONE pass that also draws
    the base candidate when it can (greedy, or temperature without top-p);
    confident = p >= threshold (GATE_TOP_PROB) or H <= threshold (GATE_ENTROPY).
-2. b from the base logits (stream 0), n from the nudger logits (stream 1), both with step = n_out.
+2. b from the base logits (stream 0), n from the nudger logits (stream 1), both with step = n_out,
+   sampled with min(sample_mode, params.max_sample) (sample.py).
 3. the rule: base_only emits b, nudger_only emits n; nudging, token granularity: b if confident and
    b not in stop_ids, else n; word granularity (word_state, span), starting at (NUDGE, 0):
      BASE:  confident and b not a stop -> emit b; else -> NUDGE, emit n, span = 1
@@ -14,8 +18,9 @@ One decode step of DESIGN section 1 for a whole batch, in place on device tensor
    from_nudger = 1 iff the emitted token came from the n branch. The state updates of the rule are
    applied even when the emitted token then ends the row.
 4. ending: an emitted stop id sets finished = FINISH_STOP and is not written; otherwise the token and
-   its provenance go to out_tokens/out_from_nudger[row, n_out], n_nudged += from_nudger, n_out += 1,
-   and n_out >= max_new_tokens sets finished = FINISH_LENGTH.
+   its provenance go to out_tokens/out_from_nudger[row, n_out % Wout] (a ring: with Wout >= max_new
+   it is the plain layout; a streaming engine drains it before it wraps), n_nudged += from_nudger,
+   n_out += 1, and n_out >= max_new sets finished = FINISH_LENGTH.
 5. splice, only for rows still running: each given cursor gets input_ids = token, positions += 1,
    seq_lens += 1, slot_mapping = block_tables[row, pos // page] * page + pos % page for the new pos
    (-1 when pos falls past the block table: the engine reserves pages so that never happens).
@@ -29,24 +34,27 @@ from dataclasses import dataclass
 import torch
 
 from nudgefast.kernels import HAS_TRITON
-from nudgefast.kernels.sample import (NUM_WARPS, SCAN_BLOCK, check_logits, inverse_temperature, sample_mode,
-                                      sample_ref)
+from nudgefast.kernels.sample import (NUM_WARPS, SAMPLE_GREEDY, SAMPLE_GUMBEL, SAMPLE_NUCLEUS, SCAN_BLOCK,
+                                      check_logits, inverse_temperature, sample_mode, sample_rows_ref)
 
 MODE_NUDGING, MODE_BASE_ONLY, MODE_NUDGER_ONLY = 0, 1, 2
 GATE_TOP_PROB, GATE_ENTROPY = 0, 1
 STATE_NUDGE, STATE_BASE = 0, 1
 FINISH_NONE, FINISH_STOP, FINISH_LENGTH = 0, 1, 2
+_GATE_CODES = {"top_prob": GATE_TOP_PROB, "entropy": GATE_ENTROPY}
+_MODE_CODES = {"nudging": MODE_NUDGING, "base_only": MODE_BASE_ONLY, "nudger_only": MODE_NUDGER_ONLY}
 
 
 @dataclass(frozen=True)
 class GateParams:
-    mode: int  # MODE_*
-    gate: int  # GATE_*
-    threshold: float
-    word_level: bool  # granularity "word" (True) or "token" (False)
-    temperature: float
-    top_p: float
-    max_new_tokens: int
+    """What must be a compile-time constant of the step (and so is part of a CUDA-graph key).
+
+    Everything else (gate, threshold, granularity, temperature, top_p, max_new_tokens, stop ids) is
+    per row in GateState. A row is sampled with min(its sample_mode, max_sample): SAMPLE_GREEDY
+    compiles an all-greedy batch without the sampling code; SAMPLE_NUCLEUS lets each row choose.
+    """
+    mode: int  # MODE_*: which logits exist
+    max_sample: int = SAMPLE_NUCLEUS  # SAMPLE_*: the most general sampler any row may use
 
 
 @dataclass
@@ -62,17 +70,169 @@ class ModelCursor:
 
 @dataclass
 class GateState:
-    """Per-row decode state (device tensors), updated in place."""
+    """Per-row decode state and per-row parameters (device tensors); the kernels update the first
+    eight in place and only read the rest."""
     seed: torch.Tensor  # int64 [B]
     word_state: torch.Tensor  # int32 [B], STATE_*; starts at STATE_NUDGE
     span: torch.Tensor  # int32 [B]; starts at 0
     finished: torch.Tensor  # int32 [B], FINISH_*
     n_out: torch.Tensor  # int32 [B]: tokens emitted so far (= the output step of the next token)
     n_nudged: torch.Tensor  # int32 [B]: emitted tokens that came from the nudger
-    out_tokens: torch.Tensor  # int32 [B, max_new]
-    out_from_nudger: torch.Tensor  # int8 [B, max_new]
-    stop_ids: torch.Tensor  # int64 [S], S >= 1 (a single -1 when there are none)
-    word_start: torch.Tensor  # bool [W]; ids >= W are not word starts
+    out_tokens: torch.Tensor  # int32 [B, Wout], a ring: output step t goes to column t % Wout
+    out_from_nudger: torch.Tensor  # int8 [B, Wout], the same ring
+    stop_ids: torch.Tensor  # int64 [B, S], S >= 1; -1 = padding (no stop id)
+    word_start: torch.Tensor  # bool [W], shared by every row; ids >= W are not word starts
+    gate: torch.Tensor  # int32 [B], GATE_*
+    threshold: torch.Tensor  # float32 [B]
+    word_level: torch.Tensor  # int32 [B]: 1 = granularity "word", 0 = "token"
+    inv_temp: torch.Tensor  # float32 [B]: inverse_temperature(temperature) (1.0 for greedy rows)
+    top_p: torch.Tensor  # float32 [B]
+    sample_mode: torch.Tensor  # int32 [B], SAMPLE_* (sample.sample_mode(temperature, top_p))
+    max_new: torch.Tensor  # int32 [B]: the row ends with FINISH_LENGTH when n_out reaches it
+
+
+ROW_FIELDS = ("seed", "word_state", "span", "finished", "n_out", "n_nudged", "out_tokens", "out_from_nudger",
+              "stop_ids", "gate", "threshold", "word_level", "inv_temp", "top_p", "sample_mode", "max_new")
+PARAM_FIELDS = ("gate", "threshold", "word_level", "inv_temp", "top_p", "sample_mode", "max_new")
+_I32_FIELDS = ("word_state", "span", "finished", "n_out", "n_nudged", "gate", "word_level", "sample_mode", "max_new")
+_F32_FIELDS = ("threshold", "inv_temp", "top_p")
+
+
+# ----------------------------------------------------------------------------- building states
+
+
+def new_gate_state(B: int, *, out_width: int, stop_width: int = 1, word_start: torch.Tensor | None = None,
+                   device=None) -> GateState:
+    """A GateState of B inert rows (finished = FINISH_STOP: no kernel touches them) with neutral
+    parameters (greedy, top_prob gate at 1.0, token granularity, max_new = out_width); set_row
+    admits a request into a slot."""
+    if not isinstance(B, int) or B < 1:
+        raise ValueError(f"B must be an int >= 1, got {B!r}")
+    if not isinstance(out_width, int) or out_width < 1:
+        raise ValueError(f"out_width must be an int >= 1, got {out_width!r}")
+    if not isinstance(stop_width, int) or stop_width < 1:
+        raise ValueError(f"stop_width must be an int >= 1, got {stop_width!r}")
+    if word_start is None:
+        word_start = torch.zeros(1, dtype=torch.bool)
+    i32 = dict(dtype=torch.int32, device=device)
+    f32 = dict(dtype=torch.float32, device=device)
+    return GateState(
+        seed=torch.zeros(B, dtype=torch.int64, device=device),
+        word_state=torch.full((B,), STATE_NUDGE, **i32),
+        span=torch.zeros(B, **i32),
+        finished=torch.full((B,), FINISH_STOP, **i32),
+        n_out=torch.zeros(B, **i32),
+        n_nudged=torch.zeros(B, **i32),
+        out_tokens=torch.zeros(B, out_width, **i32),
+        out_from_nudger=torch.zeros(B, out_width, dtype=torch.int8, device=device),
+        stop_ids=torch.full((B, stop_width), -1, dtype=torch.int64, device=device),
+        word_start=word_start.to(device=device, dtype=torch.bool),
+        gate=torch.full((B,), GATE_TOP_PROB, **i32),
+        threshold=torch.ones(B, **f32),
+        word_level=torch.zeros(B, **i32),
+        inv_temp=torch.ones(B, **f32),
+        top_p=torch.ones(B, **f32),
+        sample_mode=torch.full((B,), SAMPLE_GREEDY, **i32),
+        max_new=torch.full((B,), out_width, **i32),
+    )
+
+
+def _gate_code(gate) -> int:
+    if isinstance(gate, str):
+        if gate not in _GATE_CODES:
+            raise ValueError(f"gate must be 'top_prob' or 'entropy', got {gate!r}")
+        return _GATE_CODES[gate]
+    if gate not in (GATE_TOP_PROB, GATE_ENTROPY) or isinstance(gate, bool):
+        raise ValueError(f"gate must be GATE_TOP_PROB, GATE_ENTROPY, 'top_prob' or 'entropy', got {gate!r}")
+    return int(gate)
+
+
+def _word_level(granularity) -> int:
+    if isinstance(granularity, str):
+        if granularity not in ("word", "token"):
+            raise ValueError(f"granularity must be 'word' or 'token', got {granularity!r}")
+        return int(granularity == "word")
+    if not isinstance(granularity, (bool, int)) or granularity not in (0, 1):
+        raise ValueError(f"granularity must be 'word', 'token' or a bool (True = word), got {granularity!r}")
+    return int(granularity)
+
+
+def set_row_params(state: GateState, rows, *, gate, threshold: float, granularity, temperature: float,
+                   top_p: float, max_new_tokens: int) -> None:
+    """Writes one set of parameters into the rows `rows` (an int, a slice or an index tensor) of
+    state, validated; the running state (cursors, counters, finished) is left as it is."""
+    g, word = _gate_code(gate), _word_level(granularity)
+    if not isinstance(threshold, (int, float)) or threshold != threshold:
+        raise ValueError(f"threshold must be a number, got {threshold!r}")
+    mode = sample_mode(temperature, top_p)
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if max_new_tokens >= 2**31:
+        raise ValueError(f"max_new_tokens must be < 2**31, got {max_new_tokens}")
+    state.gate[rows] = g
+    state.threshold[rows] = float(threshold)
+    state.word_level[rows] = word
+    state.inv_temp[rows] = inverse_temperature(temperature)
+    state.top_p[rows] = float(top_p)
+    state.sample_mode[rows] = mode
+    state.max_new[rows] = max_new_tokens
+
+
+def set_row(state: GateState, row: int, *, seed: int, gate, threshold: float, granularity, temperature: float,
+            top_p: float, max_new_tokens: int, stop_ids, word_state: int = STATE_NUDGE, span: int = 0,
+            n_out: int = 0, n_nudged: int = 0) -> None:
+    """Fills slot `row` from host values and makes it running (finished = 0).
+
+    Host -> device copies: for admission, never inside the decode loop."""
+    B = state.seed.shape[0]
+    if not isinstance(row, int) or not 0 <= row < B:
+        raise ValueError(f"row must be an int in [0, {B}), got {row!r}")
+    stops = [int(t) for t in (stop_ids or [])]
+    if len(stops) > state.stop_ids.shape[1]:
+        raise ValueError(f"{len(stops)} stop ids do not fit the state's stop_ids width {state.stop_ids.shape[1]}")
+    if any(t < 0 for t in stops):
+        raise ValueError(f"stop ids must be >= 0, got {stops}")
+    if word_state not in (STATE_NUDGE, STATE_BASE):
+        raise ValueError(f"word_state must be STATE_NUDGE or STATE_BASE, got {word_state!r}")
+    set_row_params(state, row, gate=gate, threshold=threshold, granularity=granularity, temperature=temperature,
+                   top_p=top_p, max_new_tokens=max_new_tokens)
+    state.seed[row] = int(seed)
+    state.word_state[row] = word_state
+    state.span[row] = int(span)
+    state.n_out[row] = int(n_out)
+    state.n_nudged[row] = int(n_nudged)
+    state.stop_ids[row] = -1
+    if stops:
+        state.stop_ids[row, :len(stops)] = torch.tensor(stops, dtype=torch.int64)
+    state.finished[row] = FINISH_NONE
+
+
+def gate_state_for(config_like, B: int, stop_ids, word_start: torch.Tensor, seeds, device=None) -> GateState:
+    """A running GateState of B rows sharing one configuration (what single-config callers use).
+
+    config_like has gate, threshold, granularity, temperature, top_p and max_new_tokens (a
+    NudgeConfig); stop_ids: one list for every row; seeds: int64 [B] (or a list of ints)."""
+    seeds = torch.as_tensor(seeds, dtype=torch.int64)
+    if tuple(seeds.shape) != (B,):
+        raise ValueError(f"seeds must have {B} entries, got shape {tuple(seeds.shape)}")
+    stops = sorted(set(int(t) for t in (stop_ids or [])))
+    max_new = int(config_like.max_new_tokens)
+    state = new_gate_state(B, out_width=max_new, stop_width=max(1, len(stops)), word_start=word_start,
+                           device=device)
+    set_row_params(state, slice(None), gate=config_like.gate, threshold=float(config_like.threshold),
+                   granularity=config_like.granularity, temperature=float(config_like.temperature),
+                   top_p=float(config_like.top_p), max_new_tokens=max_new)
+    if stops:
+        state.stop_ids.copy_(torch.tensor(stops, dtype=torch.int64).expand(B, -1))
+    state.seed.copy_(seeds)
+    state.finished.fill_(FINISH_NONE)
+    return state
+
+
+def gate_params_for(config_like) -> GateParams:
+    """GateParams of one configuration: its mode, and the sampler its (temperature, top_p) needs."""
+    return GateParams(mode=_MODE_CODES[config_like.mode],
+                      max_sample=sample_mode(float(config_like.temperature), float(config_like.top_p)))
 
 
 # ----------------------------------------------------------------------------- validation
@@ -94,39 +254,41 @@ def check_tensor(t, name: str, dtype: torch.dtype, shape: tuple, device, contigu
 
 
 def check_params(params: GateParams) -> int:
-    """Validates params; returns the sampler mode (sample.SAMPLE_*)."""
+    """Validates params; returns the most general sampler (sample.SAMPLE_*) the kernels compile."""
     if not isinstance(params, GateParams):
         raise TypeError(f"params must be GateParams, got {type(params).__name__}")
     if params.mode not in (MODE_NUDGING, MODE_BASE_ONLY, MODE_NUDGER_ONLY):
         raise ValueError(f"params.mode must be MODE_NUDGING, MODE_BASE_ONLY or MODE_NUDGER_ONLY, got {params.mode!r}")
-    if params.gate not in (GATE_TOP_PROB, GATE_ENTROPY):
-        raise ValueError(f"params.gate must be GATE_TOP_PROB or GATE_ENTROPY, got {params.gate!r}")
-    if not isinstance(params.max_new_tokens, int) or params.max_new_tokens < 1:
-        raise ValueError(f"params.max_new_tokens must be an int >= 1, got {params.max_new_tokens!r}")
-    return sample_mode(params.temperature, params.top_p)
+    if params.max_sample not in (SAMPLE_GREEDY, SAMPLE_GUMBEL, SAMPLE_NUCLEUS):
+        raise ValueError(f"params.max_sample must be SAMPLE_GREEDY, SAMPLE_GUMBEL or SAMPLE_NUCLEUS, "
+                         f"got {params.max_sample!r}")
+    return params.max_sample
 
 
-def check_state(state: GateState, params: GateParams) -> int:
-    """Validates the state tensors; returns B."""
+def check_state(state: GateState, params: GateParams | None = None) -> int:
+    """Validates the state tensors (dtypes, shapes, devices: no values, which would need the host);
+    returns B."""
     if not isinstance(state, GateState):
         raise TypeError(f"state must be GateState, got {type(state).__name__}")
     if not isinstance(state.seed, torch.Tensor) or state.seed.dim() != 1:
         raise ValueError("state.seed must be a 1-D int64 tensor")
     B, dev = state.seed.shape[0], state.seed.device
     check_tensor(state.seed, "state.seed", torch.int64, (B,), dev)
-    for name in ("word_state", "span", "finished", "n_out", "n_nudged"):
+    for name in _I32_FIELDS:
         check_tensor(getattr(state, name), f"state.{name}", torch.int32, (B,), dev)
-    if state.out_tokens.dim() != 2:
-        raise ValueError(f"state.out_tokens must be [B, max_new], got {tuple(state.out_tokens.shape)}")
+    for name in _F32_FIELDS:
+        check_tensor(getattr(state, name), f"state.{name}", torch.float32, (B,), dev)
+    if not isinstance(state.out_tokens, torch.Tensor) or state.out_tokens.dim() != 2 or state.out_tokens.shape[1] < 1:
+        raise ValueError(f"state.out_tokens must be int32 [B, Wout] with Wout >= 1, got "
+                         f"{tuple(getattr(state.out_tokens, 'shape', ()))}")
     width = state.out_tokens.shape[1]
-    if params.max_new_tokens > width:
-        raise ValueError(f"params.max_new_tokens={params.max_new_tokens} exceeds out_tokens width {width}")
     check_tensor(state.out_tokens, "state.out_tokens", torch.int32, (B, width), dev)
     check_tensor(state.out_from_nudger, "state.out_from_nudger", torch.int8, (B, width), dev)
-    if state.stop_ids.dim() != 1 or state.stop_ids.shape[0] < 1:
-        raise ValueError("state.stop_ids must be int64 [S] with S >= 1 (use a single -1 for none)")
-    check_tensor(state.stop_ids, "state.stop_ids", torch.int64, tuple(state.stop_ids.shape), dev)
-    if state.word_start.dim() != 1 or state.word_start.shape[0] < 1:
+    if not isinstance(state.stop_ids, torch.Tensor) or state.stop_ids.dim() != 2 or state.stop_ids.shape[1] < 1:
+        raise ValueError("state.stop_ids must be int64 [B, S] with S >= 1 (-1 = no stop id), got "
+                         f"{tuple(getattr(state.stop_ids, 'shape', ()))}")
+    check_tensor(state.stop_ids, "state.stop_ids", torch.int64, (B, state.stop_ids.shape[1]), dev)
+    if not isinstance(state.word_start, torch.Tensor) or state.word_start.dim() != 1 or state.word_start.shape[0] < 1:
         raise ValueError("state.word_start must be bool [W] with W >= 1")
     check_tensor(state.word_start, "state.word_start", torch.bool, tuple(state.word_start.shape), dev)
     return B
@@ -148,7 +310,7 @@ def check_cursor(cur: ModelCursor, name: str, B: int, device) -> None:
 
 
 def check_step_inputs(base_logits, nudger_logits, state, params, base, nudger) -> tuple[int, int]:
-    """Validates everything nudge_step takes; returns (B, sampler mode)."""
+    """Validates everything nudge_step takes; returns (B, max sampler)."""
     sampler = check_params(params)
     B = check_state(state, params)
     dev = state.seed.device
@@ -182,13 +344,15 @@ def base_stats_ref(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return 1.0 / z, torch.log(z) - sx / z
 
 
-def confident_ref(logits: torch.Tensor, params: GateParams) -> torch.Tensor:
+def confident_ref(logits: torch.Tensor, state: GateState) -> torch.Tensor:
+    """bool [B]: each row's gate against its own threshold."""
     p_top, entropy = base_stats_ref(logits)
-    return p_top >= params.threshold if params.gate == GATE_TOP_PROB else entropy <= params.threshold
+    return torch.where(state.gate == GATE_TOP_PROB, p_top >= state.threshold, entropy <= state.threshold)
 
 
 def in_set_ref(tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return (tokens.reshape(-1, 1) == ids.reshape(1, -1)).any(dim=1)
+    """bool [B]: tokens[r] is one of ids[r] (ids [B, S], -1 padding never matches a token)."""
+    return (tokens.reshape(-1, 1) == ids).any(dim=1)
 
 
 def word_start_ref(tokens: torch.Tensor, word_start: torch.Tensor) -> torch.Tensor:
@@ -203,30 +367,30 @@ def rule_ref(b, n, confident, word_state, span, state: GateState, params: GatePa
     if params.mode == MODE_NUDGER_ONLY:
         return n, torch.ones_like(n, dtype=torch.bool), word_state, span
     b_ok = ~in_set_ref(b, state.stop_ids)
-    if not params.word_level:
-        take_b = confident & b_ok
-    else:
-        in_base = word_state == STATE_BASE
-        to_base = (span >= 1) & word_start_ref(n, state.word_start) & (confident | (b == n)) & b_ok
-        take_b = torch.where(in_base, confident & b_ok, to_base)
-        span = torch.where(take_b, span, torch.where(in_base, torch.ones_like(span), span + 1))
-        word_state = torch.where(take_b, STATE_BASE, STATE_NUDGE).to(torch.int32)
+    word = state.word_level != 0
+    # word granularity; token rows keep word_state and span as they are
+    in_base = word_state == STATE_BASE
+    to_base = (span >= 1) & word_start_ref(n, state.word_start) & (confident | (b == n)) & b_ok
+    take_b = torch.where(word, torch.where(in_base, confident & b_ok, to_base), confident & b_ok)
+    new_span = torch.where(take_b, span, torch.where(in_base, torch.ones_like(span), span + 1))
+    new_state = torch.where(take_b, STATE_BASE, STATE_NUDGE).to(torch.int32)
+    span = torch.where(word, new_span, span)
+    word_state = torch.where(word, new_state, word_state)
     return torch.where(take_b, b, n), ~take_b, word_state, span
 
 
-def emit_ref(state: GateState, rows: torch.Tensor, token: torch.Tensor, from_nudger: torch.Tensor,
-             params: GateParams) -> torch.Tensor:
+def emit_ref(state: GateState, rows: torch.Tensor, token: torch.Tensor, from_nudger: torch.Tensor) -> torch.Tensor:
     """Ending for `rows` (bool [B]) emitting `token`; returns bool [B]: rows that wrote a token."""
     stop = rows & in_set_ref(token, state.stop_ids)
     wrote = rows & ~stop
-    col = state.n_out.long().clamp(0, state.out_tokens.shape[1] - 1).unsqueeze(1)
+    col = (state.n_out.long() % state.out_tokens.shape[1]).unsqueeze(1)  # the ring's column of step n_out
     old_tok = state.out_tokens.gather(1, col).squeeze(1)
     old_src = state.out_from_nudger.gather(1, col).squeeze(1)
     state.out_tokens.scatter_(1, col, torch.where(wrote, token.to(torch.int32), old_tok).unsqueeze(1))
     state.out_from_nudger.scatter_(1, col, torch.where(wrote, from_nudger.to(torch.int8), old_src).unsqueeze(1))
     state.n_out.add_(wrote.to(torch.int32))
     state.n_nudged.add_((wrote & from_nudger).to(torch.int32))
-    length = wrote & (state.n_out >= params.max_new_tokens)
+    length = wrote & (state.n_out >= state.max_new)
     state.finished.copy_(torch.where(stop, FINISH_STOP, torch.where(length, FINISH_LENGTH, state.finished)))
     return wrote
 
@@ -244,16 +408,23 @@ def advance_cursor_ref(cur: ModelCursor, rows: torch.Tensor, token: torch.Tensor
     cur.slot_mapping.copy_(torch.where(rows, slot, cur.slot_mapping))
 
 
+def candidate_ref(logits: torch.Tensor, state: GateState, params: GateParams, step: torch.Tensor,
+                  stream: int) -> torch.Tensor:
+    """int64 [B]: each row's candidate with its own sampler."""
+    return sample_rows_ref(logits, state.seed, step, stream, state.inv_temp, state.top_p, state.sample_mode,
+                           params.max_sample)
+
+
 def candidates_ref(base_logits, nudger_logits, state: GateState, params: GateParams, step: torch.Tensor):
     """(b, n, confident) for every row; the missing ones (by mode) are placeholders."""
     b = n = None
     confident = torch.zeros_like(state.finished, dtype=torch.bool)
     if params.mode != MODE_NUDGER_ONLY:
-        b = sample_ref(base_logits, state.seed, step, 0, params.temperature, params.top_p)
+        b = candidate_ref(base_logits, state, params, step, 0)
     if params.mode != MODE_BASE_ONLY:
-        n = sample_ref(nudger_logits, state.seed, step, 1, params.temperature, params.top_p)
+        n = candidate_ref(nudger_logits, state, params, step, 1)
     if params.mode == MODE_NUDGING:
-        confident = confident_ref(base_logits, params)
+        confident = confident_ref(base_logits, state)
     return (n if b is None else b), (b if n is None else n), confident
 
 
@@ -266,7 +437,7 @@ def nudge_step_ref(base_logits: torch.Tensor | None, nudger_logits: torch.Tensor
     token, from_nudger, word_state, span = rule_ref(b, n, confident, state.word_state, state.span, state, params)
     state.word_state.copy_(torch.where(rows, word_state, state.word_state))
     state.span.copy_(torch.where(rows, span, state.span))
-    emit_ref(state, rows, token, from_nudger, params)
+    emit_ref(state, rows, token, from_nudger)
     running = rows & (state.finished == 0)
     one = torch.ones_like(state.n_out)
     for cur in (base, nudger):
@@ -295,56 +466,53 @@ if HAS_TRITON:
 
     @triton.jit
     def in_set(tok, ids_ptr, S, S_BLOCK: tl.constexpr):
-        """tok (scalar int64) is one of ids[0:S]."""
+        """tok (scalar int64) is one of ids[0:S] (the row's stop ids; -1 padding never matches)."""
         offs = tl.arange(0, S_BLOCK)
-        ids = tl.load(ids_ptr + offs, mask=offs < S, other=0)
+        ids = tl.load(ids_ptr + offs, mask=offs < S, other=-1)
         hit = (ids == tok) & (offs < S)
         return tl.max(hit.to(tl.int32), axis=0) != 0
 
     @triton.jit
-    def base_candidate(row_ptr, V, key, inv_temp, top_p, threshold, GATE: tl.constexpr, STATS: tl.constexpr,
-                       SAMPLE: tl.constexpr, BLOCK: tl.constexpr):
+    def base_candidate(row_ptr, V, key, inv_temp, top_p, sample, gate, threshold, STATS: tl.constexpr,
+                       MAX_SAMPLE: tl.constexpr, BLOCK: tl.constexpr):
         """(b, confident): the gate statistics ride along the first sampling pass over the row."""
-        p_top, entropy, best, mt, zt = scan_row(row_ptr, V, key, inv_temp, STATS, SAMPLE, BLOCK)
-        b = finish_sample(row_ptr, V, key, inv_temp, top_p, best, mt, zt, SAMPLE, BLOCK)
-        if GATE == _GATE_TOP_PROB:
-            confident = p_top >= threshold
-        else:
-            confident = entropy <= threshold
+        p_top, entropy, best, mt, zt = scan_row(row_ptr, V, key, inv_temp, sample, STATS, MAX_SAMPLE, BLOCK)
+        b = finish_sample(row_ptr, V, key, inv_temp, top_p, sample, best, mt, zt, MAX_SAMPLE, BLOCK)
+        confident = tl.where(gate == _GATE_TOP_PROB, p_top >= threshold, entropy <= threshold)
         return b.to(tl.int64), confident
 
     @triton.jit
-    def gate_rule(b, n, confident, word_state, span, stop_ptr, S, wstart_ptr, W, MODE: tl.constexpr,
-                  WORD: tl.constexpr, S_BLOCK: tl.constexpr):
-        """DESIGN section 1 for one row: (token int64, from_nudger int32, word_state, span)."""
+    def gate_rule(b, n, confident, word_state, span, word, stop_ptr, S, wstart_ptr, W, MODE: tl.constexpr,
+                  S_BLOCK: tl.constexpr):
+        """DESIGN section 1 for one row: (token int64, from_nudger int32, word_state, span).
+
+        word (runtime, per row): granularity "word" (!= 0) or "token" (0: word_state, span kept)."""
         if MODE == _MODE_BASE_ONLY:
             take_b = b == b
         elif MODE == _MODE_NUDGER_ONLY:
             take_b = b != b
         else:
             b_ok = in_set(b, stop_ptr, S, S_BLOCK) == 0
-            if WORD:
-                n_ws = tl.load(wstart_ptr + n, mask=(n >= 0) & (n < W), other=0) != 0
-                in_base = word_state == _STATE_BASE
-                to_base = (span >= 1) & n_ws & (confident | (b == n)) & b_ok
-                take_b = tl.where(in_base, confident & b_ok, to_base)
-                span = tl.where(take_b, span, tl.where(in_base, 1, span + 1))
-                word_state = tl.where(take_b, _STATE_BASE, _STATE_NUDGE)
-            else:
-                take_b = confident & b_ok
+            is_word = word != 0
+            n_ws = tl.load(wstart_ptr + n, mask=(n >= 0) & (n < W) & is_word, other=0) != 0
+            in_base = word_state == _STATE_BASE
+            to_base = (span >= 1) & n_ws & (confident | (b == n)) & b_ok
+            take_b = tl.where(is_word, tl.where(in_base, confident & b_ok, to_base), confident & b_ok)
+            span = tl.where(is_word, tl.where(take_b, span, tl.where(in_base, 1, span + 1)), span)
+            word_state = tl.where(is_word, tl.where(take_b, _STATE_BASE, _STATE_NUDGE), word_state)
         token = tl.where(take_b, b, n)
         return token, tl.where(take_b, 0, 1), word_state, span
 
     @triton.jit
     def emit(row, token, from_nudger, n_out, n_nudged, stop_ptr, S, otok_ptr, otok_stride, ofrom_ptr,
-             ofrom_stride, max_new, S_BLOCK: tl.constexpr):
+             ofrom_stride, Wout, max_new, S_BLOCK: tl.constexpr):
         """Ending for one emitted token: (wrote int1, n_out, n_nudged, finished)."""
         stop = in_set(token, stop_ptr, S, S_BLOCK)
         wrote = stop == 0
-        slot_ok = wrote & (n_out < max_new)  # never true past the buffer for valid states; guards memory
         r = row.to(tl.int64)
-        tl.store(otok_ptr + r * otok_stride + n_out, token.to(tl.int32), mask=slot_ok)
-        tl.store(ofrom_ptr + r * ofrom_stride + n_out, from_nudger.to(tl.int8), mask=slot_ok)
+        col = n_out % Wout  # the ring's column of output step n_out
+        tl.store(otok_ptr + r * otok_stride + col, token.to(tl.int32), mask=wrote)
+        tl.store(ofrom_ptr + r * ofrom_stride + col, from_nudger.to(tl.int8), mask=wrote)
         n_out = n_out + wrote.to(tl.int32)
         n_nudged = n_nudged + (wrote & (from_nudger != 0)).to(tl.int32)
         finished = tl.where(stop, _FINISH_STOP, tl.where(n_out >= max_new, _FINISH_LENGTH, _FINISH_NONE))
@@ -368,11 +536,11 @@ if HAS_TRITON:
     def _nudge_step_kernel(
         base_ptr, base_stride, Vb, nudger_ptr, nudger_stride, Vn,
         seed_ptr, wstate_ptr, span_ptr, fin_ptr, nout_ptr, nnud_ptr,
-        otok_ptr, otok_stride, ofrom_ptr, ofrom_stride, stop_ptr, S, wstart_ptr, W,
-        threshold, inv_temp, top_p, max_new,
+        otok_ptr, otok_stride, ofrom_ptr, ofrom_stride, Wout, stop_ptr, stop_stride, S, wstart_ptr, W,
+        gate_ptr, thr_ptr, word_ptr, itemp_ptr, topp_ptr, smode_ptr, maxnew_ptr,
         bc_ids, bc_pos, bc_sl, bc_slot, bc_bt, bc_bt_stride, bc_P, bc_page,
         nc_ids, nc_pos, nc_sl, nc_slot, nc_bt, nc_bt_stride, nc_P, nc_page,
-        MODE: tl.constexpr, GATE: tl.constexpr, WORD: tl.constexpr, SAMPLE: tl.constexpr,
+        MODE: tl.constexpr, MAX_SAMPLE: tl.constexpr,
         HAS_BASE_CURSOR: tl.constexpr, HAS_NUDGER_CURSOR: tl.constexpr, BLOCK: tl.constexpr,
         S_BLOCK: tl.constexpr,
     ):
@@ -380,25 +548,30 @@ if HAS_TRITON:
         if tl.load(fin_ptr + row) == _FINISH_NONE:
             n_out = tl.load(nout_ptr + row)
             seed = tl.load(seed_ptr + row)
+            inv_temp = tl.load(itemp_ptr + row)
+            top_p = tl.load(topp_ptr + row)
+            sample = tl.minimum(tl.load(smode_ptr + row), MAX_SAMPLE)
+            stops = stop_ptr + row.to(tl.int64) * stop_stride
             b = tl.zeros([], tl.int64)
             n = tl.zeros([], tl.int64)
             confident = b != b
             if MODE != _MODE_NUDGER_ONLY:
                 b, confident = base_candidate(base_ptr + row.to(tl.int64) * base_stride, Vb, row_key(seed, n_out, 0),
-                                              inv_temp, top_p, threshold, GATE, MODE == _MODE_NUDGING, SAMPLE,
-                                              BLOCK)
+                                              inv_temp, top_p, sample, tl.load(gate_ptr + row),
+                                              tl.load(thr_ptr + row), MODE == _MODE_NUDGING, MAX_SAMPLE, BLOCK)
             if MODE != _MODE_BASE_ONLY:
                 n = sample_row(nudger_ptr + row.to(tl.int64) * nudger_stride, Vn, row_key(seed, n_out, 1),
-                               inv_temp, top_p, SAMPLE, BLOCK).to(tl.int64)
+                               inv_temp, top_p, sample, MAX_SAMPLE, BLOCK).to(tl.int64)
             word_state = tl.load(wstate_ptr + row)
             span = tl.load(span_ptr + row)
-            token, from_nudger, word_state, span = gate_rule(b, n, confident, word_state, span, stop_ptr, S,
-                                                             wstart_ptr, W, MODE, WORD, S_BLOCK)
+            token, from_nudger, word_state, span = gate_rule(b, n, confident, word_state, span,
+                                                             tl.load(word_ptr + row), stops, S, wstart_ptr, W, MODE,
+                                                             S_BLOCK)
             tl.store(wstate_ptr + row, word_state)
             tl.store(span_ptr + row, span)
             _wrote, n_out, n_nudged, finished = emit(row, token, from_nudger, n_out, tl.load(nnud_ptr + row),
-                                                     stop_ptr, S, otok_ptr, otok_stride, ofrom_ptr, ofrom_stride,
-                                                     max_new, S_BLOCK)
+                                                     stops, S, otok_ptr, otok_stride, ofrom_ptr, ofrom_stride, Wout,
+                                                     tl.load(maxnew_ptr + row), S_BLOCK)
             tl.store(nout_ptr + row, n_out)
             tl.store(nnud_ptr + row, n_nudged)
             tl.store(fin_ptr + row, finished)
@@ -421,10 +594,13 @@ def cursor_args(cur: ModelCursor | None, dummy: torch.Tensor) -> list:
 
 
 def state_args(state: GateState) -> list:
-    """Per-row state pointers in kernel order, from seed to word_start (W included)."""
+    """State pointers in kernel order, from seed to max_new (widths and strides included)."""
     return [state.seed, state.word_state, state.span, state.finished, state.n_out, state.n_nudged,
             state.out_tokens, state.out_tokens.stride(0), state.out_from_nudger, state.out_from_nudger.stride(0),
-            state.stop_ids, state.stop_ids.shape[0], state.word_start.view(torch.uint8), state.word_start.shape[0]]
+            state.out_tokens.shape[1], state.stop_ids, state.stop_ids.stride(0), state.stop_ids.shape[1],
+            state.word_start.view(torch.uint8), state.word_start.shape[0],
+            state.gate, state.threshold, state.word_level, state.inv_temp, state.top_p, state.sample_mode,
+            state.max_new]
 
 
 def _rows(logits: torch.Tensor | None, dummy: torch.Tensor) -> list:
@@ -444,9 +620,8 @@ def nudge_step(base_logits: torch.Tensor | None, nudger_logits: torch.Tensor | N
     dummy = state.n_out
     _nudge_step_kernel[(B,)](
         *_rows(base_logits, dummy), *_rows(nudger_logits, dummy), *state_args(state),
-        float(params.threshold), inverse_temperature(params.temperature), float(params.top_p),
-        params.max_new_tokens, *cursor_args(base, dummy), *cursor_args(nudger, dummy),
-        MODE=params.mode, GATE=params.gate, WORD=bool(params.word_level), SAMPLE=sampler,
+        *cursor_args(base, dummy), *cursor_args(nudger, dummy),
+        MODE=params.mode, MAX_SAMPLE=sampler,
         HAS_BASE_CURSOR=base is not None, HAS_NUDGER_CURSOR=nudger is not None, BLOCK=SCAN_BLOCK,
-        S_BLOCK=triton.next_power_of_2(state.stop_ids.shape[0]), num_warps=NUM_WARPS,
+        S_BLOCK=triton.next_power_of_2(state.stop_ids.shape[1]), num_warps=NUM_WARPS,
     )

@@ -74,8 +74,12 @@ def check_logits(logits: torch.Tensor, name: str, rows: int | None = None) -> No
 # ----------------------------------------------------------------------------- torch reference
 
 
-def nucleus_mask_ref(scaled: torch.Tensor, top_p: float) -> torch.Tensor:
-    """bool [B, V]: tokens whose strictly-more-probable mass is < top_p (ties kept together)."""
+def nucleus_mask_ref(scaled: torch.Tensor, top_p) -> torch.Tensor:
+    """bool [B, V]: tokens whose strictly-more-probable mass is < top_p (ties kept together).
+
+    top_p: a float for every row, or float32 [B] (one per row)."""
+    if isinstance(top_p, torch.Tensor):
+        top_p = top_p.reshape(-1, 1)
     m = scaled.max(dim=-1, keepdim=True).values
     e = torch.exp(scaled - m)
     target = e.sum(dim=-1, keepdim=True) * top_p
@@ -98,24 +102,63 @@ def nucleus_mask_ref(scaled: torch.Tensor, top_p: float) -> torch.Tensor:
     return e >= cutoff
 
 
-def sample_ref(logits: torch.Tensor, seed: torch.Tensor, step: torch.Tensor, stream: int, temperature: float,
-               top_p: float) -> torch.Tensor:
-    """int64 [B]: one candidate per row (vectorised over the batch).
+def check_row_params(B: int, device, inv_temp, top_p, mode) -> None:
+    """The per-row sampler parameters: float32 [B], float32 [B], int32 [B] on the logits' device."""
+    for t, name, dtype in ((inv_temp, "inv_temp", torch.float32), (top_p, "top_p", torch.float32),
+                           (mode, "mode", torch.int32)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a {dtype} tensor [B], got {type(t).__name__}")
+        if t.dtype != dtype or tuple(t.shape) != (B,):
+            raise ValueError(f"{name} must be {dtype} [{B}], got {t.dtype} {tuple(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device}, the logits on {device}")
+
+
+def row_params(B: int, device, temperature: float, top_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(inv_temp, top_p, mode) tensors [B] giving every row one (temperature, top_p); validates them."""
+    mode = sample_mode(temperature, top_p)
+    return (torch.full((B,), inverse_temperature(temperature), dtype=torch.float32, device=device),
+            torch.full((B,), float(top_p), dtype=torch.float32, device=device),
+            torch.full((B,), mode, dtype=torch.int32, device=device))
+
+
+def sample_rows_ref(logits: torch.Tensor, seed: torch.Tensor, step: torch.Tensor, stream: int, inv_temp: torch.Tensor,
+                    top_p: torch.Tensor, mode: torch.Tensor, max_sample: int = SAMPLE_NUCLEUS) -> torch.Tensor:
+    """int64 [B]: one candidate per row, each row with its own sampler (vectorised over the batch).
+
+    inv_temp float32 [B] (float32(1 / temperature), see inverse_temperature), top_p float32 [B], mode
+    int32 [B] (SAMPLE_*). A row equals sample_ref on that row alone with its (temperature, top_p).
+    A row uses min(mode, max_sample), as the Triton and C++ versions (where max_sample is a
+    compile-time constant that prunes the sampling code).
 
     Only tokens that can win get noise: GUMBEL_MIN < g < GUMBEL_MAX, so a token more than
     GUMBEL_MAX - GUMBEL_MIN below the row's best scaled logit can never beat it. When few tokens
     qualify (a peaked row, a small nucleus) the noise is drawn for them alone; the result is the
-    dense Gumbel-max exactly. (The host reads one count here: this is the CPU path.)
+    dense Gumbel-max exactly. (The host reads a count or two here: this is the CPU path.)
     """
-    mode = sample_mode(temperature, top_p)
     check_logits(logits, "logits")
+    check_row_params(logits.shape[0], logits.device, inv_temp, top_p, mode)
+    if max_sample not in (SAMPLE_GREEDY, SAMPLE_GUMBEL, SAMPLE_NUCLEUS):
+        raise ValueError(f"max_sample must be SAMPLE_GREEDY, SAMPLE_GUMBEL or SAMPLE_NUCLEUS, got {max_sample!r}")
+    if max_sample != SAMPLE_NUCLEUS:
+        mode = mode.clamp(max=max_sample)
     x = logits.float()
-    if mode == SAMPLE_GREEDY:
-        return x.argmax(dim=-1)
-    s = x * inverse_temperature(temperature)
-    contender = s >= s.max(dim=-1, keepdim=True).values - CONTENDER_SPAN
-    if mode == SAMPLE_NUCLEUS:
+    greedy = x.argmax(dim=-1)
+    sampled = mode != SAMPLE_GREEDY
+    if not bool(sampled.any()):
+        return greedy
+    s = x * inv_temp.reshape(-1, 1)
+    contender = (s >= s.max(dim=-1, keepdim=True).values - CONTENDER_SPAN) & sampled.reshape(-1, 1)
+    nucleus = mode == SAMPLE_NUCLEUS
+    if bool(nucleus.all()):
         contender &= nucleus_mask_ref(s, top_p)
+    elif bool(nucleus.any()):
+        # the cutoff of a row depends on that row alone: compute it on the nucleus rows only, so a
+        # Gumbel or greedy row never forces the full sort
+        idx = nucleus.nonzero().squeeze(1)
+        keep = torch.ones_like(contender)
+        keep[idx] = nucleus_mask_ref(s[idx], top_p[idx])
+        contender &= keep
     seed, step = seed.reshape(-1, 1), step.reshape(-1, 1)
     if int(contender.sum()) * 4 < contender.numel():
         rows, cols = contender.nonzero(as_tuple=True)
@@ -124,7 +167,15 @@ def sample_ref(logits: torch.Tensor, seed: torch.Tensor, step: torch.Tensor, str
     else:
         index = torch.arange(x.shape[1], device=x.device)
         v = (s + gumbel_ref(seed, step, stream, index)).masked_fill_(~contender, float("-inf"))
-    return v.argmax(dim=-1)
+    return torch.where(sampled, v.argmax(dim=-1), greedy)
+
+
+def sample_ref(logits: torch.Tensor, seed: torch.Tensor, step: torch.Tensor, stream: int, temperature: float,
+               top_p: float) -> torch.Tensor:
+    """int64 [B]: one candidate per row, every row with the same (temperature, top_p)."""
+    sample_mode(temperature, top_p)
+    check_logits(logits, "logits")
+    return sample_rows_ref(logits, seed, step, stream, *row_params(logits.shape[0], logits.device, temperature, top_p))
 
 
 # ----------------------------------------------------------------------------- Triton
@@ -146,14 +197,17 @@ if HAS_TRITON:
     _NUC_PASSES = tl.constexpr(NUCLEUS_PASSES)
 
     @triton.jit
-    def scan_row(row_ptr, V, key, inv_temp, STATS: tl.constexpr, SAMPLE: tl.constexpr, BLOCK: tl.constexpr):
+    def scan_row(row_ptr, V, key, inv_temp, sample, STATS: tl.constexpr, MAX_SAMPLE: tl.constexpr,
+                 BLOCK: tl.constexpr):
         """One streaming pass over a row of logits (any float dtype, V arbitrary).
 
+        sample: this row's sampler (runtime, <= MAX_SAMPLE, which prunes the code of the others).
         Returns (p_top, entropy, best, mt, zt):
           STATS: p_top = max softmax and entropy (nats) of the UNtempered logits (else 0, 0);
-          SAMPLE == greedy: best = first argmax; == gumbel: best = argmax(s + g), the finished draw;
+          sample == greedy: best = first argmax; == gumbel: best = argmax(s + g), the finished draw;
           == nucleus: best = -1, and mt, zt = max of s and sum of exp(s - mt), for the cutoff search.
         Per-lane accumulators (combined once at the end) keep the loop free of cross-lane reductions.
+        The per-row choice is a scalar branch: a greedy row never pays for the noise.
         """
         lanes = tl.arange(0, BLOCK)
         m = tl.full([BLOCK], _NEG_BIG, tl.float32)  # lane max of x (finite start: no inf - inf)
@@ -167,30 +221,31 @@ if HAS_TRITON:
         for start in range(0, V, BLOCK):
             idx = start + lanes
             x = tl.load(row_ptr + idx, mask=idx < V, other=float("-inf")).to(tl.float32)
-            if STATS or SAMPLE == _GREEDY:
-                m_new = tl.maximum(m, x)
-                if STATS:
-                    alpha = tl.exp(m - m_new)
-                    xm = x - m_new
-                    ex = tl.exp(xm)
-                    # rescale the lane's sum of e*(x - m) to the new max: e' = e*alpha, x - m' = (x - m) + (m - m')
-                    sx = alpha * (sx + (m - m_new) * z) + ex * tl.maximum(xm, _NEG_BIG)  # -inf entries add 0
-                    z = alpha * z + ex
-                arg = tl.where(x > m, idx, arg)  # strict: a lane keeps its first maximum
-                m = m_new
-            if SAMPLE == _GUMBEL:
-                v = x * inv_temp + gumbel(key, idx)
-                better = v > bv
-                bv = tl.where(better, v, bv)
-                bi = tl.where(better, idx, bi)
-            if SAMPLE == _NUCLEUS:
-                s = x * inv_temp
-                mt_new = tl.maximum(mt, s)
-                zt = zt * tl.exp(mt - mt_new) + tl.exp(s - mt_new)
-                mt = mt_new
+            # the lane max and argmax are a compare and a select: kept for every row
+            m_new = tl.maximum(m, x)
+            if STATS:
+                alpha = tl.exp(m - m_new)
+                xm = x - m_new
+                ex = tl.exp(xm)
+                # rescale the lane's sum of e*(x - m) to the new max: e' = e*alpha, x - m' = (x - m) + (m - m')
+                sx = alpha * (sx + (m - m_new) * z) + ex * tl.maximum(xm, _NEG_BIG)  # -inf entries add 0
+                z = alpha * z + ex
+            arg = tl.where(x > m, idx, arg)  # strict: a lane keeps its first maximum
+            m = m_new
+            if MAX_SAMPLE != _GREEDY:
+                if sample == _GUMBEL:
+                    v = x * inv_temp + gumbel(key, idx)
+                    better = v > bv
+                    bv = tl.where(better, v, bv)
+                    bi = tl.where(better, idx, bi)
+            if MAX_SAMPLE == _NUCLEUS:
+                if sample == _NUCLEUS:
+                    s = x * inv_temp
+                    mt_new = tl.maximum(mt, s)
+                    zt = zt * tl.exp(mt - mt_new) + tl.exp(s - mt_new)
+                    mt = mt_new
         p_top = 0.0
         entropy = 0.0
-        best = -1
         if STATS:
             m_row = tl.max(m, axis=0)
             w = tl.exp(m - m_row)
@@ -198,10 +253,9 @@ if HAS_TRITON:
             s_row = tl.sum(w * (sx + (m - m_row) * z), axis=0)
             p_top = 1.0 / z_row
             entropy = tl.log(z_row) - s_row / z_row
-        if SAMPLE == _GREEDY:
-            best = tl.min(tl.where(m == tl.max(m, axis=0), arg, _INT_BIG), axis=0)
-        if SAMPLE == _GUMBEL:
-            best = tl.min(tl.where(bv == tl.max(bv, axis=0), bi, _INT_BIG), axis=0)
+        best_greedy = tl.min(tl.where(m == tl.max(m, axis=0), arg, _INT_BIG), axis=0)
+        best_gumbel = tl.min(tl.where(bv == tl.max(bv, axis=0), bi, _INT_BIG), axis=0)
+        best = tl.where(sample == _GREEDY, best_greedy, tl.where(sample == _GUMBEL, best_gumbel, -1))
         mt_row = tl.max(mt, axis=0)
         zt_row = tl.sum(zt * tl.exp(mt - mt_row), axis=0)
         return p_top, entropy, best, mt_row, zt_row
@@ -252,33 +306,37 @@ if HAS_TRITON:
         return tl.min(tl.where(bv == tl.max(bv, axis=0), bi, _INT_BIG), axis=0)
 
     @triton.jit
-    def finish_sample(row_ptr, V, key, inv_temp, top_p, best, mt, zt, SAMPLE: tl.constexpr,
+    def finish_sample(row_ptr, V, key, inv_temp, top_p, sample, best, mt, zt, MAX_SAMPLE: tl.constexpr,
                       BLOCK: tl.constexpr):
         """The candidate after scan_row: greedy and plain Gumbel are already done in the scan."""
-        if SAMPLE == _NUCLEUS:
-            cutoff = nucleus_cutoff(row_ptr, V, inv_temp, mt, zt, top_p, _NUC_BLOCK, _NUC_SPLITS, _NUC_PASSES)
-            best = nucleus_gumbel_argmax(row_ptr, V, key, inv_temp, mt, cutoff, BLOCK)
+        if MAX_SAMPLE == _NUCLEUS:
+            if sample == _NUCLEUS:
+                cutoff = nucleus_cutoff(row_ptr, V, inv_temp, mt, zt, top_p, _NUC_BLOCK, _NUC_SPLITS, _NUC_PASSES)
+                best = nucleus_gumbel_argmax(row_ptr, V, key, inv_temp, mt, cutoff, BLOCK)
         return best
 
     @triton.jit
-    def sample_row(row_ptr, V, key, inv_temp, top_p, SAMPLE: tl.constexpr, BLOCK: tl.constexpr):
+    def sample_row(row_ptr, V, key, inv_temp, top_p, sample, MAX_SAMPLE: tl.constexpr, BLOCK: tl.constexpr):
         """One candidate from one row of logits (no gate statistics)."""
-        _p, _h, best, mt, zt = scan_row(row_ptr, V, key, inv_temp, False, SAMPLE, BLOCK)
-        return finish_sample(row_ptr, V, key, inv_temp, top_p, best, mt, zt, SAMPLE, BLOCK)
+        _p, _h, best, mt, zt = scan_row(row_ptr, V, key, inv_temp, sample, False, MAX_SAMPLE, BLOCK)
+        return finish_sample(row_ptr, V, key, inv_temp, top_p, sample, best, mt, zt, MAX_SAMPLE, BLOCK)
 
     @triton.jit
-    def _sample_kernel(logits_ptr, row_stride, V, seed_ptr, step_ptr, out_ptr, stream, inv_temp, top_p,
-                       SAMPLE: tl.constexpr, BLOCK: tl.constexpr):
+    def _sample_kernel(logits_ptr, row_stride, V, seed_ptr, step_ptr, out_ptr, stream, itemp_ptr, topp_ptr,
+                       mode_ptr, MAX_SAMPLE: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         key = row_key(tl.load(seed_ptr + row), tl.load(step_ptr + row), stream)
-        tok = sample_row(logits_ptr + row.to(tl.int64) * row_stride, V, key, inv_temp, top_p, SAMPLE, BLOCK)
+        sample = tl.minimum(tl.load(mode_ptr + row), MAX_SAMPLE)
+        tok = sample_row(logits_ptr + row.to(tl.int64) * row_stride, V, key, tl.load(itemp_ptr + row),
+                         tl.load(topp_ptr + row), sample, MAX_SAMPLE, BLOCK)
         tl.store(out_ptr + row, tok.to(tl.int64))
 
     @triton.jit
     def _nucleus_mask_kernel(logits_ptr, row_stride, V, out_ptr, inv_temp, top_p, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         row_ptr = logits_ptr + row.to(tl.int64) * row_stride
-        _p, _h, _b, mt, zt = scan_row(row_ptr, V, 0, inv_temp, False, _NUCLEUS, BLOCK)
+        _p, _h, _b, mt, zt = scan_row(row_ptr, V, 0, inv_temp, tl.full([], _NUCLEUS, tl.int32), False, _NUCLEUS,
+                                      BLOCK)
         cutoff = nucleus_cutoff(row_ptr, V, inv_temp, mt, zt, top_p, _NUC_BLOCK, _NUC_SPLITS, _NUC_PASSES)
         for start in range(0, V, BLOCK):
             idx = start + tl.arange(0, BLOCK)
@@ -287,24 +345,38 @@ if HAS_TRITON:
             tl.store(out_ptr + row.to(tl.int64) * V + idx, keep.to(tl.int8), mask=idx < V)
 
 
-def sample(logits: torch.Tensor, seed: torch.Tensor, step: torch.Tensor, stream: int, temperature: float,
-           top_p: float) -> torch.Tensor:
-    """Triton version of sample_ref: int64 [B], one program per row. No host syncs."""
+def sample_rows(logits: torch.Tensor, seed: torch.Tensor, step: torch.Tensor, stream: int, inv_temp: torch.Tensor,
+                top_p: torch.Tensor, mode: torch.Tensor, max_sample: int = SAMPLE_NUCLEUS) -> torch.Tensor:
+    """Triton version of sample_rows_ref: int64 [B], one program per row, no host syncs.
+
+    A row is sampled with min(mode, max_sample); max_sample (compile-time) prunes the sampling code
+    (SAMPLE_GREEDY: an all-greedy batch compiles to one argmax pass)."""
     if not HAS_TRITON:
-        raise RuntimeError("triton is not installed; use sample_ref")
-    mode = sample_mode(temperature, top_p)
+        raise RuntimeError("triton is not installed; use sample_rows_ref")
     check_logits(logits, "logits")
     B, V = logits.shape
     if seed.shape != (B,) or seed.dtype != torch.int64:
         raise ValueError(f"seed must be int64 [{B}], got {seed.dtype} {tuple(seed.shape)}")
     if step.shape != (B,) or step.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"step must be int32 [{B}], got {step.dtype} {tuple(step.shape)}")
+    check_row_params(B, logits.device, inv_temp, top_p, mode)
+    if max_sample not in (SAMPLE_GREEDY, SAMPLE_GUMBEL, SAMPLE_NUCLEUS):
+        raise ValueError(f"max_sample must be SAMPLE_GREEDY, SAMPLE_GUMBEL or SAMPLE_NUCLEUS, got {max_sample!r}")
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     out = torch.empty(B, dtype=torch.int64, device=logits.device)
-    _sample_kernel[(B,)](logits, logits.stride(0), V, seed, step, out, stream, inverse_temperature(temperature),
-                         float(top_p), SAMPLE=mode, BLOCK=SCAN_BLOCK, num_warps=NUM_WARPS)
+    _sample_kernel[(B,)](logits, logits.stride(0), V, seed, step, out, stream, inv_temp, top_p, mode,
+                         MAX_SAMPLE=max_sample, BLOCK=SCAN_BLOCK, num_warps=NUM_WARPS)
     return out
+
+
+def sample(logits: torch.Tensor, seed: torch.Tensor, step: torch.Tensor, stream: int, temperature: float,
+           top_p: float) -> torch.Tensor:
+    """Triton version of sample_ref: int64 [B], every row with one (temperature, top_p)."""
+    mode = sample_mode(temperature, top_p)
+    check_logits(logits, "logits")
+    return sample_rows(logits, seed, step, stream, *row_params(logits.shape[0], logits.device, temperature, top_p),
+                       max_sample=mode)
 
 
 def nucleus_mask(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:

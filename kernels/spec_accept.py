@@ -35,10 +35,10 @@ import torch
 
 from nudgefast.kernels import HAS_TRITON
 from nudgefast.kernels.nudge_gate import (FINISH_NONE, MODE_BASE_ONLY, MODE_NUDGER_ONLY, MODE_NUDGING, STATE_BASE,
-                                          GateParams, GateState, ModelCursor, check_tensor, advance_cursor_ref,
-                                          check_cursor, check_params, check_state, confident_ref, emit_ref,
-                                          in_set_ref, rule_ref)
-from nudgefast.kernels.sample import NUM_WARPS, SCAN_BLOCK, inverse_temperature, sample_ref
+                                          GateParams, GateState, ModelCursor, advance_cursor_ref, candidate_ref,
+                                          check_cursor, check_params, check_state, check_tensor, confident_ref,
+                                          emit_ref, in_set_ref, rule_ref)
+from nudgefast.kernels.sample import NUM_WARPS, SCAN_BLOCK
 
 
 @dataclass
@@ -114,15 +114,15 @@ def spec_accept_ref(verify_logits: torch.Tensor, draft: torch.Tensor, state: Gat
     moved, moved_to = torch.zeros_like(state.n_out), old_input.clone()  # tokens after which the row still ran
     for i in range(K + 1):
         logits = verify_logits[:, i]
-        b = sample_ref(logits, state.seed, state.n_out, 0, params.temperature, params.top_p)
-        confident = confident_ref(logits, params) if params.mode == MODE_NUDGING else torch.zeros_like(rows)
+        b = candidate_ref(logits, state, params, state.n_out, 0)
+        confident = confident_ref(logits, state) if params.mode == MODE_NUDGING else torch.zeros_like(rows)
         if i < K:
             d = draft[:, i]
             token, from_nudger, word_state, span = rule_ref(b, d, confident, state.word_state, state.span, state,
                                                             params)
             state.word_state.copy_(torch.where(active, word_state, state.word_state))
             state.span.copy_(torch.where(active, span, state.span))
-            wrote = emit_ref(state, active, token, from_nudger, params)
+            wrote = emit_ref(state, active, token, from_nudger)
             accepted += (wrote & (token == d)).to(torch.int32)
             active = wrote & (state.finished == FINISH_NONE) & (token == d)
         else:
@@ -130,10 +130,10 @@ def spec_accept_ref(verify_logits: torch.Tensor, draft: torch.Tensor, state: Gat
             if params.mode == MODE_BASE_ONLY:
                 bonus = active
             else:
+                # a word-level row needs the nudger's candidate unless it is in state BASE
                 bonus = active & confident & ~in_set_ref(b, state.stop_ids)
-                if params.word_level:
-                    bonus = bonus & (state.word_state == STATE_BASE)
-            wrote = emit_ref(state, bonus, b, torch.zeros_like(rows), params)
+                bonus = bonus & ((state.word_level == 0) | (state.word_state == STATE_BASE))
+            wrote = emit_ref(state, bonus, b, torch.zeros_like(rows))
         prev = torch.where(wrote, last, prev)
         last = torch.where(wrote, token, last)
         count += wrote.to(torch.int32)
@@ -171,13 +171,12 @@ if HAS_TRITON:
     def _spec_accept_kernel(
         verify_ptr, v_stride_b, v_stride_k, V, draft_ptr, d_stride, K,
         seed_ptr, wstate_ptr, span_ptr, fin_ptr, nout_ptr, nnud_ptr,
-        otok_ptr, otok_stride, ofrom_ptr, ofrom_stride, stop_ptr, S, wstart_ptr, W,
-        threshold, inv_temp, top_p, max_new,
+        otok_ptr, otok_stride, ofrom_ptr, ofrom_stride, Wout, stop_ptr, stop_stride, S, wstart_ptr, W,
+        gate_ptr, thr_ptr, word_ptr, itemp_ptr, topp_ptr, smode_ptr, maxnew_ptr,
         bc_ids, bc_pos, bc_sl, bc_slot, bc_bt, bc_bt_stride, bc_P, bc_page,
         nc_ids, nc_pos, nc_sl, nc_slot, nc_bt, nc_bt_stride, nc_P, nc_page,
         rounds_ptr, drafted_ptr, accepted_ptr, emitted_ptr, round_emitted_ptr, prev_tok_ptr, prev_missing_ptr,
-        MODE: tl.constexpr, GATE: tl.constexpr, WORD: tl.constexpr, SAMPLE: tl.constexpr, BLOCK: tl.constexpr,
-        S_BLOCK: tl.constexpr,
+        MODE: tl.constexpr, MAX_SAMPLE: tl.constexpr, BLOCK: tl.constexpr, S_BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0)
         if tl.load(fin_ptr + row) == _FINISH_NONE:
@@ -186,6 +185,14 @@ if HAS_TRITON:
             n_nudged = tl.load(nnud_ptr + row)
             word_state = tl.load(wstate_ptr + row)
             span = tl.load(span_ptr + row)
+            gate = tl.load(gate_ptr + row)
+            threshold = tl.load(thr_ptr + row)
+            word = tl.load(word_ptr + row)
+            inv_temp = tl.load(itemp_ptr + row)
+            top_p = tl.load(topp_ptr + row)
+            sample = tl.minimum(tl.load(smode_ptr + row), MAX_SAMPLE)
+            max_new = tl.load(maxnew_ptr + row)
+            stops = stop_ptr + row.to(tl.int64) * stop_stride
             old_input = tl.load(nc_ids + row)
             last = old_input
             prev = old_input
@@ -198,31 +205,32 @@ if HAS_TRITON:
             row_base = verify_ptr + row.to(tl.int64) * v_stride_b
             for i in range(0, K + 1):
                 # the bonus position is scanned only where the rule could emit without n
-                if MODE == _MODE_NUDGING and WORD:
-                    worth = (i < K) | (word_state == _STATE_BASE)
+                if MODE == _MODE_NUDGING:
+                    worth = (i < K) | (word == 0) | (word_state == _STATE_BASE)
                 else:
                     worth = i <= K
                 if (active != 0) & worth:
                     b, confident = base_candidate(row_base + i * v_stride_k, V, row_key(seed, n_out, 0), inv_temp,
-                                                  top_p, threshold, GATE, MODE == _MODE_NUDGING, SAMPLE, BLOCK)
+                                                  top_p, sample, gate, threshold, MODE == _MODE_NUDGING, MAX_SAMPLE,
+                                                  BLOCK)
                     bonus = b != b
                     if i < K:
                         d = tl.load(draft_ptr + row.to(tl.int64) * d_stride + i)
-                        token, from_nudger, word_state, span = gate_rule(b, d, confident, word_state, span, stop_ptr,
-                                                                         S, wstart_ptr, W, MODE, WORD, S_BLOCK)
+                        token, from_nudger, word_state, span = gate_rule(b, d, confident, word_state, span, word,
+                                                                         stops, S, wstart_ptr, W, MODE, S_BLOCK)
                         same = token == d
                     else:
                         token = b
                         from_nudger = tl.zeros([], tl.int32)
                         same = b != b
                         if MODE == _MODE_NUDGING:  # word level: `worth` already required state BASE
-                            bonus = confident & (in_set(b, stop_ptr, S, S_BLOCK) == 0)
+                            bonus = confident & (in_set(b, stops, S, S_BLOCK) == 0)
                         else:
                             bonus = b == b
                     if (i < K) | bonus:
-                        wrote, n_out, n_nudged, finished = emit(row, token, from_nudger, n_out, n_nudged, stop_ptr,
+                        wrote, n_out, n_nudged, finished = emit(row, token, from_nudger, n_out, n_nudged, stops,
                                                                 S, otok_ptr, otok_stride, ofrom_ptr, ofrom_stride,
-                                                                max_new, S_BLOCK)
+                                                                Wout, max_new, S_BLOCK)
                         if wrote:
                             prev = last
                             last = token
@@ -260,10 +268,9 @@ def spec_accept(verify_logits: torch.Tensor, draft: torch.Tensor, state: GateSta
     _spec_accept_kernel[(B,)](
         verify_logits, verify_logits.stride(0), verify_logits.stride(1), verify_logits.shape[2],
         draft, draft.stride(0), K, *state_args(state),
-        float(params.threshold), inverse_temperature(params.temperature), float(params.top_p),
-        params.max_new_tokens, *cursor_args(base, None), *cursor_args(nudger, None),
+        *cursor_args(base, None), *cursor_args(nudger, None),
         stats.rounds, stats.drafted, stats.accepted, stats.emitted, stats.round_emitted, stats.prev_token,
         stats.prev_kv_missing,
-        MODE=params.mode, GATE=params.gate, WORD=bool(params.word_level), SAMPLE=sampler, BLOCK=SCAN_BLOCK,
-        S_BLOCK=triton.next_power_of_2(state.stop_ids.shape[0]), num_warps=NUM_WARPS,
+        MODE=params.mode, MAX_SAMPLE=sampler, BLOCK=SCAN_BLOCK,
+        S_BLOCK=triton.next_power_of_2(state.stop_ids.shape[1]), num_warps=NUM_WARPS,
     )

@@ -1,10 +1,13 @@
 """nudgefast: nudging (a base model written over by a small aligned model where it is unsure),
-decoded fast: paged KV caches, fused gate kernels, CUDA graphs, speculation."""
-from .api import Completion, NudgeConfig, NudgingEngine
+decoded fast: paged KV caches, fused gate kernels, CUDA graphs, speculation, continuous batching."""
+from .api import NudgingEngine
 from .config import ConfigError
-from .kv_cache import KVPoolExhausted
+from .engine.async_engine import AsyncNudgingEngine
+from .kv_cache import KVPoolExhausted, RequestTooLarge
+from .params import Completion, NudgeConfig, RequestOutput
 
-__all__ = ["NudgingEngine", "NudgeConfig", "Completion", "ConfigError", "KVPoolExhausted", "convert_gguf"]
+__all__ = ["NudgingEngine", "AsyncNudgingEngine", "NudgeConfig", "Completion", "RequestOutput", "ConfigError",
+           "KVPoolExhausted", "RequestTooLarge", "convert_gguf"]
 __version__ = "0.1.0"
 
 

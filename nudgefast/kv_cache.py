@@ -4,8 +4,10 @@ Layout, per layer: k_pages and v_pages of shape [num_pages, page_size, num_kv_he
 A token at position `pos` of a sequence lives in page `block_table[pos // page_size]`, offset
 `pos % page_size`; its flat slot is `page * page_size + offset`.
 
-Pages are reserved when a request is admitted (prompt + max_new_tokens + speculation slack), so the
-decode loop never allocates: running out is an error at admission, never mid-decode.
+Pages are handed out on demand, between decode rounds (the engine's scheduler): before a round
+every running row holds pages for every position the round can write, so the decode loop itself
+never allocates. One extra page per pool, the *scratch page*, is never handed out: block-table
+entries past a row's pages point at it, so a stray write can never land in another row's KV.
 """
 from __future__ import annotations
 
@@ -18,6 +20,11 @@ from .config import ModelSpec
 
 class KVPoolExhausted(RuntimeError):
     """A request needs more KV pages than the pool has free."""
+
+
+class RequestTooLarge(KVPoolExhausted, ValueError):
+    """A request needs more KV pages than the whole pool holds: it could never run (a bad request,
+    refused at add_request; smaller requests wait for pages instead)."""
 
 
 @dataclass
@@ -61,6 +68,10 @@ class BlockAllocator:
     def free(self, pages: list[int]) -> None:
         self._free.extend(reversed(pages))
 
+    @property
+    def num_used(self) -> int:
+        return self.num_pages - len(self._free)
+
 
 class KVPool:
     """The page pool of one model, all layers."""
@@ -69,8 +80,9 @@ class KVPool:
         if num_pages < 1 or page_size < 1:
             raise ValueError(f"KV pool needs num_pages >= 1 and page_size >= 1 (got {num_pages}, {page_size})")
         self.page_size = page_size
-        self.num_pages = num_pages
-        shape = (num_pages, page_size, spec.num_kv_heads, spec.head_dim)
+        self.num_pages = num_pages  # pages that can be handed out
+        self.scratch_page = num_pages  # never handed out: the target of unused block-table entries
+        shape = (num_pages + 1, page_size, spec.num_kv_heads, spec.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
         self.allocator = BlockAllocator(num_pages)

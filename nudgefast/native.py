@@ -6,11 +6,11 @@ unpacked here into the explicit schema of csrc/ops.cpp:
 
     nudge_step(base_logits?, nudger_logits?,
                seed, word_state!, span!, finished!, n_out!, n_nudged!, out_tokens!, out_from_nudger!,
-               stop_ids, word_start,
+               stop_ids, word_start, gate, threshold, word_level, inv_temp, top_p, sample_mode, max_new,
                base_input_ids!?, base_positions!?, base_seq_lens!?, base_slot_mapping!?,
                base_block_tables?, base_page_size,
                nudger_input_ids!?, ..., nudger_block_tables?, nudger_page_size,
-               mode, gate, threshold, word_level, temperature, top_p, max_new_tokens) -> ()
+               mode, max_sample) -> ()
 
 (`!` = updated in place, `?` = None allowed; a missing cursor is five Nones and page size 1.)
 Importing this module needs the built extension (nudgefast._C): check ops.native_ops_available().
@@ -21,7 +21,7 @@ import torch
 
 from . import _C  # noqa: F401  (loading the library registers torch.ops.nudgefast)
 from .kernels.nudge_gate import GateParams, GateState, ModelCursor, check_step_inputs
-from .kernels.sample import check_logits, sample_mode
+from .kernels.sample import SAMPLE_NUCLEUS, check_logits, check_row_params, sample_mode
 
 _OPS = torch.ops.nudgefast
 
@@ -45,9 +45,10 @@ def nudge_step_native(base_logits: torch.Tensor | None, nudger_logits: torch.Ten
         base_logits, nudger_logits,
         state.seed, state.word_state, state.span, state.finished, state.n_out, state.n_nudged,
         state.out_tokens, state.out_from_nudger, state.stop_ids, state.word_start,
+        state.gate, state.threshold, state.word_level, state.inv_temp, state.top_p, state.sample_mode,
+        state.max_new,
         *_cursor_args(base), *_cursor_args(nudger),
-        int(params.mode), int(params.gate), float(params.threshold), bool(params.word_level),
-        float(params.temperature), float(params.top_p), int(params.max_new_tokens),
+        int(params.mode), int(params.max_sample),
     )
 
 
@@ -57,3 +58,12 @@ def sample_native(logits: torch.Tensor, seed: torch.Tensor, step: torch.Tensor, 
     sample_mode(temperature, top_p)
     check_logits(logits, "logits")
     return _OPS.sample(logits, seed, step, int(stream), float(temperature), float(top_p))
+
+
+def sample_rows_native(logits: torch.Tensor, seed: torch.Tensor, step: torch.Tensor, stream: int,
+                       inv_temp: torch.Tensor, top_p: torch.Tensor, mode: torch.Tensor,
+                       max_sample: int = SAMPLE_NUCLEUS) -> torch.Tensor:
+    """sample_rows_ref on the native op (a row uses min(mode, max_sample)): int64 [B]."""
+    check_logits(logits, "logits")
+    check_row_params(logits.shape[0], logits.device, inv_temp, top_p, mode)
+    return _OPS.sample_rows(logits, seed, step, int(stream), inv_temp, top_p, mode, int(max_sample))

@@ -109,9 +109,17 @@ def test_bad_prompts(engine, expected, prompts, match):
 
 
 def test_request_that_cannot_fit_in_the_kv_pool(engine, expected):
-    cfg = nf.NudgeConfig(mode="base_only", max_new_tokens=60, stop_token_ids=[])
-    with pytest.raises(nf.KVPoolExhausted, match="KV pages"):
-        engine.generate_ids(base_prompts=[PROMPT] * 4, config=cfg)
+    """A request larger than the whole pool is refused at once (a ValueError, and a KVPoolExhausted);
+    requests that fit one at a time but not together wait for pages instead, and all finish."""
+    pool_tokens = engine.base.kv.num_pages * engine.base.kv.page_size
+    too_big = nf.NudgeConfig(mode="base_only", max_new_tokens=pool_tokens, stop_token_ids=[])
+    for error in (nf.KVPoolExhausted, ValueError):
+        with pytest.raises(error, match="whole pool"):
+            engine.generate_ids(base_prompts=[PROMPT], config=too_big)
+    cfg = nf.NudgeConfig(mode="base_only", max_new_tokens=pool_tokens // 2 - len(PROMPT), stop_token_ids=[])
+    outs = engine.generate_ids(base_prompts=[PROMPT] * 4, config=cfg)
+    assert [len(o.token_ids) for o in outs] == [cfg.max_new_tokens] * 4
+    assert len({tuple(o.token_ids) for o in outs}) == 1  # greedy: waiting changes nothing
     _still_serves(engine, expected)
 
 

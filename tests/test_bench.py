@@ -77,7 +77,8 @@ def test_every_scenario_has_every_figure(cpu_run):
         ms = s["ms_per_token"]
         assert 0 < ms["p50"] <= ms["p90"] <= ms["p99"]
         assert s["ttft_ms"] > 0
-        assert 0.0 <= s["nudged_fraction"] <= 1.0
+        if s["mode"] == "nudging":  # the pair and threshold are chosen so that both models write
+            assert 0.0 < s["nudged_fraction"] < 1.0
         assert s["bandwidth_bound_tokens_per_s"] > 0 and s["fraction_of_bound"] > 0
         assert len(s["cpu_seconds"]) == 2 and s["tokens_per_cpu_s"] > 0
         if s["mode"] == "base_only":
@@ -87,7 +88,8 @@ def test_every_scenario_has_every_figure(cpu_run):
             if s["speculate"]:
                 acc = s["acceptance"]
                 assert acc["rounds"] > 0 and acc["drafted"] == acc["rounds"] * s["speculate"]
-                assert 0.0 <= acc["acceptance_rate"] <= 1.0
+                assert acc["acceptance_rate"] == pytest.approx(acc["accepted"] / acc["drafted"])
+                assert 0 <= acc["accepted"] <= acc["drafted"]
                 assert s["host_syncs_per_token"] < 0.5
             else:
                 # one flag read per flag_interval (16) steps: once for 12 tokens
@@ -162,6 +164,7 @@ def test_planted_preset_follows_its_map_and_matches_transformers(preset, dtype):
     word = nf.NudgeConfig(mode="nudging", granularity="word", max_new_tokens=40, stop_token_ids=[])
     mixed = engine.generate_ids([prompt], [prompt], word)[0]
     assert 0.1 < mixed.nudged_fraction < 0.9
+    # a synthetic tokenizer has no token strings: its random word-start table is the definition here
     table = engine.nudger.tokenizer.word_start_table(engine.nudger.spec.vocab_size)
     ref = anchors.nudging_loop_chunked(hf["base"], hf["nudger"], prompt, prompt, word, set(), table)
     assert (ref.token_ids, ref.from_nudger) == (mixed.token_ids, mixed.from_nudger)

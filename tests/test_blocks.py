@@ -29,6 +29,7 @@ from nudgefast.blocks import (  # noqa: E402
     SUPPORTED_TYPES, BlockWeight, block_linear_ref, concat_rows, from_ggml, read_block_weights)
 from nudgefast.config import ConfigError  # noqa: E402
 from nudgefast.ops import Backend, native_ops_available  # noqa: E402
+from oracles import word_start_flags  # noqa: E402
 
 native = pytest.mark.skipif(not native_ops_available(), reason="native CPU ops not built")
 
@@ -237,7 +238,7 @@ def test_gguf_weights_nudging_equals_the_reference(gguf_pair):
                 return model(torch.tensor([ids])).logits[0, -1].float()
         return fn
 
-    table = engine.nudger.tokenizer.word_start_table(engine.nudger.spec.vocab_size)
+    table = word_start_flags(engine.nudger.dir, engine.nudger.spec.vocab_size)  # by the definition
     fractions = []
     for threshold in (0.04, 0.07):  # around the base's top-1 probabilities here
         config = nf.NudgeConfig(mode="nudging", granularity="word", threshold=threshold, max_new_tokens=16,

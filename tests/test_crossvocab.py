@@ -1,4 +1,4 @@
-"""Nudging across tokenizers: the fast path (nudgefast/crossvocab.py: paged caches, batched rows,
+"""Nudging across tokenizers: the fast path (nudgefast/runner/crossvocab.py: paged caches, batched rows,
 incremental re-tokenization from anchors) equals the readable reference
 (nudgefast/crossvocab_reference.py: logits recomputed from scratch by transformers, every model's
 ids a fresh encoding of the whole text at every step) in text, provenance spans, each model's ids,
@@ -19,11 +19,11 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 import nudgefast as nf
-from nudgefast import crossvocab
-from nudgefast.crossvocab import WindowEncoder, encoder_for, slack_tokens, stop_ids
+from nudgefast.runner.crossvocab import WindowEncoder, crossvocab_slack, crossvocab_stop_ids, encoder_for
 from nudgefast.crossvocab_reference import Party, TextCodec, reference_crossvocab
-from nudgefast.decode import row_seeds
+from nudgefast.engine.engine import row_seeds
 from nudgefast.tokenizer import Tokenizer
+from oracles import eos_and_end_of_turn, word_start_flags
 from tiny_models import CORPUS, SPECIALS, load_hf, make_tiny, train_tokenizer, write_tokenizer
 
 NEW_TOKENS = 24
@@ -101,18 +101,33 @@ def hf_logits_fn(model):
     return fn
 
 
+def oracle_codec(loaded):
+    """The reference's view of a model's tokenizer, with word starts by the definition
+    (tests/oracles.py) rather than the engine's table."""
+    codec = TextCodec(Tokenizer(loaded.dir), loaded.spec.vocab_size)
+    codec.word_starts = word_start_flags(loaded.dir, loaded.spec.vocab_size)
+    return codec
+
+
 def run_reference(engine, hf_base, hf_nudger, config, base_prompts, nudger_prompts):
-    base_stop, nudger_stop = stop_ids(engine, config)
-    seeds = row_seeds(config.seed, len(base_prompts)).tolist() if config.seed is not None else [0] * len(base_prompts)
+    """The reference with each model's stop ids by the definition, read from its files: the base's
+    EOS ids and end-of-turn token; the nudger's the same unless the user gave stop ids."""
+    base_stop = frozenset(eos_and_end_of_turn(engine.base.dir))
+    nudger_stop = frozenset(config.stop_token_ids if config.stop_token_ids is not None
+                            else eos_and_end_of_turn(engine.nudger.dir))
+    assert (base_stop, nudger_stop) == crossvocab_stop_ids(engine, config)  # the fast path resolves the same sets
+    codecs = oracle_codec(engine.base), oracle_codec(engine.nudger)
+    seeds = row_seeds(config.seed, len(base_prompts)) if config.seed is not None else [0] * len(base_prompts)
     out = []
     for bp, np_, seed in zip(base_prompts, nudger_prompts, seeds):
-        base = Party(encoder_for(engine.base).codec, bp, hf_logits_fn(hf_base), base_stop)
-        nudger = Party(encoder_for(engine.nudger).codec, np_, hf_logits_fn(hf_nudger), nudger_stop)
+        base = Party(codecs[0], bp, hf_logits_fn(hf_base), base_stop)
+        nudger = Party(codecs[1], np_, hf_logits_fn(hf_nudger), nudger_stop)
         out.append(reference_crossvocab(base, nudger, config, seed))
     return out
 
 
 def assert_same(outs, refs):
+    assert len(outs) == len(refs)
     for o, r in zip(outs, refs):
         assert o.text == r.text
         assert o.stats["spans"] == r.spans
@@ -141,10 +156,10 @@ def assert_consistent(engine, outs, config):
         assert (o.finish_reason == "length") == (o.stats["emitted_tokens"] == config.max_new_tokens)
 
 
-def assert_mixed(outs):
+def assert_mixed(outs, low=0.15, high=0.85):
     emitted = sum(o.stats["emitted_tokens"] for o in outs)
     nudged = sum(o.stats["nudged_tokens"] for o in outs)
-    assert 0.15 <= nudged / emitted <= 0.85, f"nudged fraction {nudged / emitted:.2f}: the gate is not exercised"
+    assert low <= nudged / emitted <= high, f"nudged fraction {nudged / emitted:.2f}: the gate is not exercised"
     assert any(len({s[2] for s in o.stats["spans"]}) == 2 for o in outs)
 
 
@@ -153,12 +168,12 @@ def test_greedy_equals_reference_single_and_batched(pair):
     cfg = nf.NudgeConfig(mode="nudging", threshold=threshold, max_new_tokens=NEW_TOKENS)
     base_prompts, nudger_prompts = prompts_for(engine, QUESTIONS)
     refs = run_reference(engine, hf_base, hf_nudger, cfg, base_prompts, nudger_prompts)
-    batch = crossvocab.generate_ids(engine, base_prompts, nudger_prompts, cfg)
+    batch = engine.generate_ids(base_prompts, nudger_prompts, cfg)
     assert_same(batch, refs)
     assert_consistent(engine, batch, cfg)
     assert_mixed(batch)
     for i in range(len(QUESTIONS)):  # a row alone equals the same row in the batch
-        alone = crossvocab.generate_ids(engine, [base_prompts[i]], [nudger_prompts[i]], cfg)
+        alone = engine.generate_ids([base_prompts[i]], [nudger_prompts[i]], cfg)
         assert_same(alone, [refs[i]])
     assert engine.base.kv.allocator.num_free == engine.base.kv.num_pages
     assert engine.nudger.kv.allocator.num_free == engine.nudger.kv.num_pages
@@ -169,11 +184,12 @@ def test_seeded_sampling_equals_reference_and_repeats(pair):
     cfg = nf.NudgeConfig(mode="nudging", threshold=threshold, temperature=0.8, top_p=0.9, seed=11,
                          max_new_tokens=16)
     base_prompts, nudger_prompts = prompts_for(engine, QUESTIONS)
-    a = crossvocab.generate_ids(engine, base_prompts, nudger_prompts, cfg)
-    b = crossvocab.generate_ids(engine, base_prompts, nudger_prompts, cfg)
+    a = engine.generate_ids(base_prompts, nudger_prompts, cfg)
+    b = engine.generate_ids(base_prompts, nudger_prompts, cfg)
     assert [o.text for o in a] == [o.text for o in b]
     assert_same(a, run_reference(engine, hf_base, hf_nudger, cfg, base_prompts, nudger_prompts))
     assert_consistent(engine, a, cfg)
+    assert_mixed(a, 0.05, 0.95)
 
 
 def test_nudger_stop_ends_the_answer(pair):
@@ -182,12 +198,12 @@ def test_nudger_stop_ends_the_answer(pair):
     name, engine, hf_base, hf_nudger, threshold = pair
     base_prompts, nudger_prompts = prompts_for(engine, QUESTIONS)
     cfg = nf.NudgeConfig(mode="nudging", threshold=threshold, max_new_tokens=NEW_TOKENS)
-    first = crossvocab.generate_ids(engine, base_prompts, nudger_prompts, cfg)
+    first = engine.generate_ids(base_prompts, nudger_prompts, cfg)
     # stop on the nudger's tokens of its later words: the answers must end earlier
     later = {t for o in first for t, nudged in zip(o.token_ids[1:], o.from_nudger[1:]) if nudged}
     later -= {o.token_ids[0] for o in first if o.token_ids}
     cfg = nf.NudgeConfig(mode="nudging", threshold=threshold, max_new_tokens=NEW_TOKENS, stop_token_ids=sorted(later))
-    outs = crossvocab.generate_ids(engine, base_prompts, nudger_prompts, cfg)
+    outs = engine.generate_ids(base_prompts, nudger_prompts, cfg)
     assert_same(outs, run_reference(engine, hf_base, hf_nudger, cfg, base_prompts, nudger_prompts))
     assert_consistent(engine, outs, cfg)
     stopped = [o for o in outs if o.finish_reason == "stop"]
@@ -200,7 +216,7 @@ def test_text_api_routes_to_the_crossvocab_path(pair):
     outs = engine.generate(QUESTIONS, cfg, system_prompt="Answer the question.")
     assert all(o.stats.get("crossvocab") for o in outs)
     base_prompts, nudger_prompts = prompts_for(engine, QUESTIONS)
-    direct = crossvocab.generate_ids(engine, base_prompts, nudger_prompts, cfg)
+    direct = engine.generate_ids(base_prompts, nudger_prompts, cfg)
     assert [o.text for o in outs] == [o.text for o in direct]
     # the baselines on a cross-family engine: each model alone, in its own vocabulary
     for mode, side, flag in (("base_only", engine.base, False), ("nudger_only", engine.nudger, True)):
@@ -217,11 +233,11 @@ def test_rows_that_outgrow_their_pages_get_more(tmp_path, tokenizers):
                                             1.0, 9.0)
     cfg = nf.NudgeConfig(mode="nudging", threshold=0.99, max_new_tokens=NEW_TOKENS)  # the nudger writes it all
     base_prompts, nudger_prompts = prompts_for(engine, QUESTIONS[:2])
-    outs = crossvocab.generate_ids(engine, base_prompts, nudger_prompts, cfg)
+    outs = engine.generate_ids(base_prompts, nudger_prompts, cfg)
     assert_same(outs, run_reference(engine, hf_base, hf_nudger, cfg, base_prompts, nudger_prompts))
     assert_consistent(engine, outs, cfg)
     page = engine.base.kv.page_size
-    reserved = [engine.base.kv.pages_for(len(p) + NEW_TOKENS + slack_tokens(NEW_TOKENS)) * page for p in base_prompts]
+    reserved = [engine.base.kv.pages_for(len(p) + NEW_TOKENS + crossvocab_slack(NEW_TOKENS)) * page for p in base_prompts]
     assert any(len(p) + len(o.stats["base_ids"]) > r for p, o, r in zip(base_prompts, outs, reserved))
     assert engine.base.kv.allocator.num_free == engine.base.kv.num_pages
 
@@ -303,8 +319,8 @@ def test_bad_requests(small_pair, questions, kwargs, error, match):
 def test_bad_prompt_ids(small_pair):
     cfg = nf.NudgeConfig(mode="nudging", max_new_tokens=4)
     with pytest.raises(ValueError, match="base_prompts has 2 rows but nudger_prompts has 1"):
-        crossvocab.generate_ids(small_pair, [[5, 6], [7]], [[5]], cfg)
+        small_pair.generate_ids([[5, 6], [7]], [[5]], cfg)
     with pytest.raises(ValueError, match="nudger prompt 0 has token ids outside"):
-        crossvocab.generate_ids(small_pair, [[5, 6]], [[5, 10**6]], cfg)
+        small_pair.generate_ids([[5, 6]], [[5, 10**6]], cfg)
     with pytest.raises(ValueError, match="cross-vocabulary decoding is for mode='nudging'"):
-        crossvocab.generate_ids(small_pair, [[5, 6]], [[5]], nf.NudgeConfig(mode="base_only"))
+        small_pair.generate_ids([[5, 6]], [[5]], nf.NudgeConfig(mode="base_only"))

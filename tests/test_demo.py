@@ -13,7 +13,7 @@ import pytest
 
 import nudgefast as nf
 from nudgefast import cli
-from nudgefast.crossvocab import encoder_for
+from nudgefast.runner.crossvocab import encoder_for
 
 pytestmark = pytest.mark.slow
 NEW_TOKENS = 24

@@ -24,18 +24,15 @@ def engine_and_hf(family_dir):
 
 
 def _prefill_logits(engine, prompt):
-    from nudgefast.decode import Side, block_table, prefill
-
-    side = Side("base", engine.base, [prompt], [])
     pool = engine.base.kv
-    side.pages = [pool.allocator.allocate(pool.pages_for(len(prompt)))]
+    pages = pool.allocator.allocate(pool.pages_for(len(prompt)))
     try:
         with torch.inference_mode():
             # logits of every prompt position: run prefill with all positions selected
             m = engine.base.model
             ids = torch.tensor(prompt)
             pos = torch.arange(len(prompt))
-            table = block_table(side.pages, "cpu")
+            table = torch.tensor([pages], dtype=torch.int32)
             from nudgefast.kv_cache import AttentionMetadata, slots_for
             meta = AttentionMetadata(slot_mapping=slots_for(table, pos[None], pool.page_size)[0], block_tables=table,
                                      seq_lens=torch.tensor([len(prompt)], dtype=torch.int32),
@@ -43,7 +40,7 @@ def _prefill_logits(engine, prompt):
                                      max_q_len=len(prompt))
             return m.forward(ids, pos, meta, pool).float()
     finally:
-        pool.allocator.free(side.pages[0])
+        pool.allocator.free(pages)
 
 
 def test_prefill_logits_match_transformers(engine_and_hf):

@@ -284,8 +284,9 @@ from nudgefast.kernels.nudge_gate import (  # noqa: E402
     FINISH_LENGTH, FINISH_NONE, FINISH_STOP, GATE_ENTROPY, GATE_TOP_PROB, MODE_BASE_ONLY, MODE_NUDGER_ONLY,
     MODE_NUDGING, STATE_BASE, STATE_NUDGE, GateParams, GateState, ModelCursor, nudge_step_ref)
 from nudgefast.kernels.rng import gumbel_ref, hash_ref  # noqa: E402
-from nudgefast.kernels.sample import sample_ref  # noqa: E402
-from nudgefast.native import nudge_step_native, sample_native  # noqa: E402
+from nudgefast.kernels.sample import inverse_temperature, sample_mode, sample_ref, sample_rows_ref  # noqa: E402
+from nudgefast.native import nudge_step_native, sample_native, sample_rows_native  # noqa: E402
+from gate_rows import Cfg, apply, legacy_state, row_of  # noqa: E402
 
 
 @pytest.mark.parametrize("stream", [0, 1])
@@ -382,7 +383,7 @@ def assert_same(got, want, what):
 
 
 def make_state(B, V, max_new, gen, stop, finished_every=4):
-    return GateState(
+    return legacy_state(
         seed=torch.randint(-(2**62), 2**62, (B,), generator=gen),
         word_state=torch.randint(0, 2, (B,), generator=gen, dtype=torch.int32),
         span=torch.randint(0, 3, (B,), generator=gen, dtype=torch.int32),
@@ -442,11 +443,11 @@ GATE_TABLE = [
 def test_nudge_step_matches_reference(V, dtype, mode, gate, word, temperature, top_p):
     for seed in range(3):
         base_logits, nudger_logits, state, cursors = gate_case(V, dtype, mode, seed)
-        prm = GateParams(mode, gate, 0.4 if gate == GATE_TOP_PROB else 1.5, word, temperature, top_p, 6)
+        prm = apply(state, Cfg(mode, gate, 0.4 if gate == GATE_TOP_PROB else 1.5, word, temperature, top_p, 6))
         want_state, want_cursors = clone(state), [clone(c) for c in cursors]
         before, cursors_before = clone(state), [clone(c) for c in cursors]
-        nudge_step_ref(base_logits, nudger_logits, want_state, prm, *want_cursors)
-        nudge_step_native(base_logits, nudger_logits, state, prm, *cursors)
+        nudge_step_ref(base_logits, nudger_logits, want_state, apply(want_state, prm), *want_cursors)
+        nudge_step_native(base_logits, nudger_logits, state, apply(state, prm), *cursors)
         assert_same(state, want_state, "state")
         for c, w in zip(cursors, want_cursors):
             assert_same(c, w, "cursor")
@@ -463,13 +464,13 @@ def test_nudge_step_matches_reference(V, dtype, mode, gate, word, temperature, t
 
 def test_nudge_step_without_cursors_and_with_one():
     base_logits, nudger_logits, state, cursors = gate_case(1000, torch.float32, MODE_NUDGING, 4)
-    prm = GateParams(MODE_NUDGING, GATE_TOP_PROB, 0.4, True, 0.7, 1.0, 6)
+    prm = Cfg(MODE_NUDGING, GATE_TOP_PROB, 0.4, True, 0.7, 1.0, 6)
     for chosen in ([None, None], [cursors[0], None], [None, cursors[1]]):
         s, w = clone(state), clone(state)
         got_c = [None if c is None else clone(c) for c in chosen]
         want_c = [None if c is None else clone(c) for c in chosen]
-        nudge_step_ref(base_logits, nudger_logits, w, prm, *want_c)
-        nudge_step_native(base_logits, nudger_logits, s, prm, *got_c)
+        nudge_step_ref(base_logits, nudger_logits, w, apply(w, prm), *want_c)
+        nudge_step_native(base_logits, nudger_logits, s, apply(s, prm), *got_c)
         assert_same(s, w, "state")
         for g, c in zip(got_c, want_c):
             if c is not None:
@@ -505,9 +506,9 @@ def test_word_rule_transitions(gate):
         base_logits[i, b] = 30.0 if confident else 1.0  # p ~ 1 and H ~ 0, or p = 0.07 and H = 3.5 nats
         nudger_logits[i, n] = 30.0
     cursor = make_cursor(B, 4, 3, gen)
-    prm = GateParams(MODE_NUDGING, gate, 0.4 if gate == GATE_TOP_PROB else 1.0, True, 0.0, 1.0, 6)
+    prm = Cfg(MODE_NUDGING, gate, 0.4 if gate == GATE_TOP_PROB else 1.0, True, 0.0, 1.0, 6)
     before, cursor_before = clone(state), clone(cursor)
-    nudge_step_native(base_logits, nudger_logits, state, prm, cursor, None)
+    nudge_step_native(base_logits, nudger_logits, state, apply(state, prm), cursor, None)
     for i, (name, _, (token, from_n, ws, span)) in enumerate(WORD_RULES):
         assert (int(state.word_state[i]), int(state.span[i])) == (ws, span), name
         if token is None:
@@ -534,14 +535,14 @@ def test_thirty_steps_match_reference(word, temperature, top_p):
     state.span.zero_()
     state.n_out.zero_()
     cursors = [make_cursor(B, 12, 3, gen), make_cursor(B, 12, 4, gen)]
-    prm = GateParams(MODE_NUDGING, GATE_TOP_PROB, 0.35, word, temperature, top_p, steps)
+    prm = Cfg(MODE_NUDGING, GATE_TOP_PROB, 0.35, word, temperature, top_p, steps)
     want_state, want_cursors = clone(state), [clone(c) for c in cursors]
     for _ in range(steps):
         base_logits = torch.randn(B, V, generator=gen) * torch.empty(B, 1).uniform_(0.5, 5.0, generator=gen)
         nudger_logits = torch.randn(B, V, generator=gen) * 3
         nudger_logits[:, [3, 44]] -= 4.0  # stop ids are rare but reachable
-        nudge_step_native(base_logits, nudger_logits, state, prm, *cursors)
-        nudge_step_ref(base_logits, nudger_logits, want_state, prm, *want_cursors)
+        nudge_step_native(base_logits, nudger_logits, state, apply(state, prm), *cursors)
+        nudge_step_ref(base_logits, nudger_logits, want_state, apply(want_state, prm), *want_cursors)
     assert_same(state, want_state, "state")
     for c, w in zip(cursors, want_cursors):
         assert_same(c, w, "cursor")
@@ -552,24 +553,107 @@ def test_thirty_steps_match_reference(word, temperature, top_p):
 
 def test_nudge_step_rejects_bad_input():
     base_logits, nudger_logits, state, cursors = gate_case(37, torch.float32, MODE_NUDGING, 0)
-    prm = GateParams(MODE_NUDGING, GATE_TOP_PROB, 0.4, True, 0.0, 1.0, 6)
+    prm = apply(state, Cfg(MODE_NUDGING, GATE_TOP_PROB, 0.4, True, 0.0, 1.0, 6))
     with pytest.raises(ValueError, match="nudger_logits"):
-        nudge_step_native(base_logits, None, state, prm, *cursors)
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        nudge_step_native(base_logits, nudger_logits, state, GateParams(0, 0, 0.4, True, 0.0, 1.0, 7), *cursors)
+        nudge_step_native(base_logits, None, state, apply(state, prm), *cursors)
+    with pytest.raises(ValueError, match="max_sample"):
+        nudge_step_native(base_logits, nudger_logits, state, GateParams(MODE_NUDGING, 5), *cursors)
     with pytest.raises(ValueError, match="rows"):
-        nudge_step_native(base_logits[:3], nudger_logits, state, prm, *cursors)
+        nudge_step_native(base_logits[:3], nudger_logits, state, apply(state, prm), *cursors)
     # The raw op checks what memory safety needs, whoever calls it.
     args = [base_logits, nudger_logits, state.seed, state.word_state, state.span, state.finished,
             state.n_out.long(), state.n_nudged, state.out_tokens, state.out_from_nudger, state.stop_ids,
-            state.word_start, None, None, None, None, None, 1, None, None, None, None, None, 1,
-            MODE_NUDGING, GATE_TOP_PROB, 0.4, True, 0.0, 1.0, 6]
+            state.word_start, state.gate, state.threshold, state.word_level, state.inv_temp, state.top_p,
+            state.sample_mode, state.max_new, None, None, None, None, None, 1, None, None, None, None, None, 1,
+            MODE_NUDGING, 2]
     with pytest.raises(TypeError, match="n_out"):
         OPS.nudge_step(*args)
     args[6] = state.n_out
-    args[12] = cursors[0].input_ids  # a cursor must come whole
+    args[10] = state.stop_ids[0]  # stop ids are per row
+    with pytest.raises(ValueError, match="stop_ids"):
+        OPS.nudge_step(*args)
+    args[10] = state.stop_ids
+    args[13] = state.threshold.double()
+    with pytest.raises(TypeError, match="threshold"):
+        OPS.nudge_step(*args)
+    args[13] = state.threshold
+    args[17] = torch.full_like(state.sample_mode, 3)  # a sampler that does not exist
+    with pytest.raises(ValueError, match="sample_mode"):
+        OPS.nudge_step(*args)
+    args[17] = state.sample_mode
+    args[19] = cursors[0].input_ids  # a cursor must come whole
     with pytest.raises(ValueError, match="cursor needs all"):
         OPS.nudge_step(*args)
+
+
+# (gate, threshold, word, temperature, top_p, max_new): every row differs (stop ids and seeds too)
+MIXED_ROWS = [
+    (GATE_TOP_PROB, 0.4, True, 0.0, 1.0, 6),
+    (GATE_ENTROPY, 1.5, True, 0.7, 0.8, 9),
+    (GATE_TOP_PROB, 0.9, False, 1.3, 1.0, 4),
+    (GATE_ENTROPY, 0.5, False, 0.0, 1.0, 7),
+    (GATE_TOP_PROB, 0.2, True, 0.7, 1.0, 3),
+    (GATE_ENTROPY, 3.0, False, 0.9, 0.5, 8),
+    (GATE_TOP_PROB, 0.6, True, 2.0, 0.95, 5),
+    (GATE_ENTROPY, 1.0, True, 0.5, 0.7, 9),
+]
+
+
+@pytest.mark.parametrize("V,dtype,mode", [(37, torch.float32, MODE_NUDGING), (1000, torch.bfloat16, MODE_NUDGING),
+                                          (37, torch.float16, MODE_BASE_ONLY), (1000, torch.float32, MODE_NUDGER_ONLY)])
+def test_mixed_rows_match_reference_and_solo_rows(V, dtype, mode):
+    """One batch whose rows all differ equals the reference, and each row equals itself run alone."""
+    B = len(MIXED_ROWS)
+    base_logits, nudger_logits, state, cursors = gate_case(V, dtype, mode, 1, B=B, max_new=9)
+    cfgs = [Cfg(mode, *r) for r in MIXED_ROWS]
+    state.stop_ids = torch.full((B, 3), -1, dtype=torch.int64)
+    gen = torch.Generator().manual_seed(V)
+    for i, c in enumerate(cfgs):
+        stops = torch.randperm(V, generator=gen)[: i % 4].tolist()
+        state.stop_ids[i, :len(stops)] = torch.tensor(stops, dtype=torch.int64)
+        state.n_out[i] = c.max_new_tokens - 1 if i % 3 == 0 else min(int(state.n_out[i]), c.max_new_tokens - 1)
+    prm = apply(state, cfgs)
+    for steps in range(3):  # chained: rows end at their own max_new
+        want_state, want_cursors = clone(state), [clone(c) for c in cursors]
+        solo = []
+        for i, c in enumerate(cfgs):
+            one, one_c = row_of(state, i), [row_of(cur, i) for cur in cursors]
+            nudge_step_native(None if base_logits is None else base_logits[i:i + 1],
+                              None if nudger_logits is None else nudger_logits[i:i + 1], one, apply(one, c), *one_c)
+            solo.append((one, one_c))
+        nudge_step_ref(base_logits, nudger_logits, want_state, apply(want_state, prm), *want_cursors)
+        nudge_step_native(base_logits, nudger_logits, state, apply(state, prm), *cursors)
+        assert_same(state, want_state, "state")
+        for c, w in zip(cursors, want_cursors):
+            assert_same(c, w, "cursor")
+        for i, (one, one_c) in enumerate(solo):
+            assert_same(row_of(state, i), one, f"row {i}")
+            for c, w in zip(cursors, one_c):
+                assert_same(row_of(c, i), w, f"row {i} cursor")
+    assert (state.finished == FINISH_LENGTH).any() and (state.finished == FINISH_NONE).any()
+
+
+@pytest.mark.parametrize("V,dtype", [(37, torch.float32), (3001, torch.bfloat16)])
+def test_sample_rows_match_reference(V, dtype):
+    settings = [(0.0, 1.0), (0.7, 1.0), (0.7, 0.8), (1.3, 0.95), (0.3, 0.5), (2.0, 1.0), (0.9, 0.3)]
+    B = len(settings)
+    gen = torch.Generator().manual_seed(V)
+    logits = (torch.randn(B, V, generator=gen) * 4).to(dtype)
+    seed = torch.randint(-(2**62), 2**62, (B,), generator=gen)
+    step = torch.randint(0, 50, (B,), generator=gen, dtype=torch.int32)
+    inv = torch.tensor([inverse_temperature(t) for t, _ in settings], dtype=torch.float32)
+    top_p = torch.tensor([p for _, p in settings], dtype=torch.float32)
+    mode = torch.tensor([sample_mode(t, p) for t, p in settings], dtype=torch.int32)
+    for stream in (0, 1):
+        got = sample_rows_native(logits, seed, step, stream, inv, top_p, mode)
+        assert torch.equal(got, sample_rows_ref(logits, seed, step, stream, inv, top_p, mode))
+        for r, (t, p) in enumerate(settings):  # each row as the single-parameter sampler draws it
+            assert int(got[r]) == int(sample_native(logits[r:r + 1], seed[r:r + 1], step[r:r + 1], stream, t, p))
+    # max_sample clamps every row's sampler: GREEDY gives the argmax everywhere
+    greedy = sample_rows_native(logits, seed, step, 0, inv, top_p, mode, 0)
+    assert torch.equal(greedy, logits.float().argmax(-1))
+    with pytest.raises(ValueError, match="mode"):
+        sample_rows_native(logits, seed, step, 0, inv, top_p, mode[:2])
 
 
 # ----------------------------------------------------------------------------------------------

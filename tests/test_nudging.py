@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import nudgefast as nf
-from nudgefast.decode import row_seeds
+from nudgefast.engine.engine import row_seeds
 from nudgefast.reference import reference_generate
-from pairs import PROMPTS_BASE, PROMPTS_NUDGER, make_pair, threshold
+from oracles import shared_vocab_stop_ids, word_start_flags
+from pairs import PROMPTS_BASE, PROMPTS_NUDGER, make_pair, sampled, threshold
 from tiny_models import FAMILIES, train_tokenizer
 
 NEW_TOKENS = 24
@@ -35,26 +36,33 @@ def hf_logits_fn(model):
 
 
 def run_reference(pair, config, base_prompts, nudger_prompts):
+    """The reference with stop ids and word starts by their definitions, read from the model files
+    (tests/oracles.py), not from the engine."""
     family, engine, hf_base, hf_nudger, tok = pair
-    stop_ids = {tok.token_to_id("<|im_end|>")} if config.stop_token_ids is None else set(config.stop_token_ids)
-    table = engine.nudger.tokenizer.word_start_table(engine.nudger.spec.vocab_size)
-    seeds = row_seeds(config.seed, len(base_prompts)).tolist() if config.seed is not None else [0] * len(base_prompts)
+    if config.mode == "nudging":
+        stop_ids = shared_vocab_stop_ids(engine.base.dir, engine.nudger.dir, config.stop_token_ids)
+    else:  # one model alone: its own stop ids
+        assert config.stop_token_ids is not None
+        stop_ids = set(config.stop_token_ids)
+    flags = word_start_flags(engine.nudger.dir, engine.nudger.spec.vocab_size)
+    seeds = row_seeds(config.seed, len(base_prompts)) if config.seed is not None else [0] * len(base_prompts)
     return [reference_generate(hf_logits_fn(hf_base), hf_logits_fn(hf_nudger), bp, np_, config, stop_ids,
-                               lambda i: bool(table[i]), seed)
+                               lambda i: 0 <= i < len(flags) and flags[i], seed)
             for bp, np_, seed in zip(base_prompts, nudger_prompts, seeds)]
 
 
 def assert_same(outs, refs):
+    assert len(outs) == len(refs)
     for o, r in zip(outs, refs):
         assert o.token_ids == r.token_ids
         assert o.from_nudger == r.from_nudger
         assert o.finish_reason == r.finish_reason
 
 
-def assert_mixed(outs):
+def assert_mixed(outs, low=0.2, high=0.8):
     flags = [f for o in outs for f in o.from_nudger]
     frac = sum(flags) / len(flags)
-    assert 0.2 <= frac <= 0.8, f"nudged fraction {frac:.2f}: this case does not exercise the gate"
+    assert low <= frac <= high, f"nudged fraction {frac:.2f}: this case does not exercise the gate"
 
 
 @pytest.mark.parametrize("granularity", ["token", "word"])
@@ -85,12 +93,12 @@ def test_baselines_flag_every_token(pair):
 
 def test_seeded_sampling_equals_reference_and_repeats(pair):
     engine = pair[1]
-    cfg = nf.NudgeConfig(mode="nudging", granularity="word", temperature=0.8, top_p=0.9, seed=7,
-                         max_new_tokens=12)
+    cfg = nf.NudgeConfig(mode="nudging", **sampled(pair[0]), top_p=0.9, seed=7, max_new_tokens=12)
     a = engine.generate_ids(base_prompts=PROMPTS_BASE, nudger_prompts=PROMPTS_NUDGER, config=cfg)
     b = engine.generate_ids(base_prompts=PROMPTS_BASE, nudger_prompts=PROMPTS_NUDGER, config=cfg)
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
     assert_same(a, run_reference(pair, cfg, PROMPTS_BASE, PROMPTS_NUDGER))
+    assert_mixed(a, 0.05, 0.95)  # both models write: the sampled gate is exercised
 
 
 def test_token_level_sampler_matches_the_exact_distribution(tmp_path, tokenizer):

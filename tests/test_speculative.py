@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import nudgefast as nf
-from pairs import PROMPTS_BASE, PROMPTS_NUDGER, make_pair, threshold
+from pairs import PROMPTS_BASE, PROMPTS_NUDGER, make_pair, sampled, threshold
 from tiny_models import FAMILIES, train_tokenizer
 
 NEW_TOKENS = 24
@@ -58,8 +58,7 @@ def test_speculative_equals_sequential_greedy(pair, granularity):
 
 def test_speculative_sampling_is_seeded_and_equals_sequential(pair):
     engine = pair[1]
-    cfg = nf.NudgeConfig(mode="nudging", granularity="word", threshold=threshold(pair[0], "top_prob", "word"),
-                         temperature=0.8, top_p=0.95, seed=11, max_new_tokens=16)
+    cfg = nf.NudgeConfig(mode="nudging", **sampled(pair[0]), top_p=0.95, seed=11, max_new_tokens=16)
     plain = engine.generate_ids(base_prompts=PROMPTS_BASE, nudger_prompts=PROMPTS_NUDGER, config=cfg)
     spec = engine.generate_ids(base_prompts=PROMPTS_BASE, nudger_prompts=PROMPTS_NUDGER,
                                config=dataclasses.replace(cfg, speculate=3))
@@ -67,6 +66,8 @@ def test_speculative_sampling_is_seeded_and_equals_sequential(pair):
                                 config=dataclasses.replace(cfg, speculate=3))
     same(spec, again)
     same(spec, plain)
+    flags = [f for o in plain for f in o.from_nudger]
+    assert 0 < sum(flags) < len(flags), "one model wrote everything: the sampled gate is not exercised"
 
 
 def test_speculative_first_two_tokens_have_the_sequential_distribution(tmp_path, tokenizer):

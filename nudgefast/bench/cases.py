@@ -95,13 +95,10 @@ class Case:
 
 def case_runners(models: Models, cfg: NudgeConfig, base_prompts, nudger_prompts, anchors: bool) -> list:
     """nudgefast's runner, then (at batch 1, when asked) the anchors that do the same work."""
-    from ..decode import build_sides, resolve_stop_ids, word_start_table
-
     runners = [NudgefastRunner(models, cfg, base_prompts, nudger_prompts)]
     if anchors and len(base_prompts) == 1 and not runners[0].crossvocab:  # no transformers anchor across vocabularies
-        sides = build_sides(models.engine, base_prompts, nudger_prompts, cfg)
-        stop_ids = resolve_stop_ids(models.engine, cfg, sides)
-        word_start = word_start_table(models.engine, sides, cfg)
+        stop_ids = models.engine.stop_ids_for(cfg)
+        word_start = models.engine.word_start_for(cfg)
         runners += [AnchorRunner(n, models, cfg, base_prompts, nudger_prompts, stop_ids, word_start)
                     for n in anchors_for(cfg)]
     return runners

@@ -151,6 +151,10 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:  # `nudgefast bench -- --preset ...` (cli.py hands over everything after "bench")
         argv = argv[1:]
+    if "--serve" in argv:  # continuous against static batching (bench/serve.py)
+        from .serve import main as serve_main
+
+        return serve_main(argv)
     args = parse_args(argv)
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     threads = torch.get_num_threads()

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 
 import torch
 
 from ..api import LoadedModel, NudgingEngine
 from ..config import ModelSpec, spec_from_config
-from ..kv_cache import KVPool
+from ..ops import Backend
 from ..model import Transformer
 
 # ---- shape presets (published config.json values) -------------------------------------------------
@@ -187,38 +186,21 @@ def hf_twin(hf_config: dict, spec: ModelSpec, w: dict[str, torch.Tensor], device
 
 
 # ---- Engines and models --------------------------------------------------------------------------
-def _loaded(name: str, model: Transformer, tokenizer, kv_tokens: int, page_size: int) -> LoadedModel:
-    """A LoadedModel around a model built in memory (LoadedModel's constructor reads a directory)."""
-    lm = LoadedModel.__new__(LoadedModel)
-    lm.name, lm.dir, lm.model, lm.spec, lm.tokenizer = name, Path(f"<in-memory {name}>"), model, model.spec, tokenizer
-    lm.kv = KVPool(model.spec, max(1, -(-kv_tokens // page_size)), page_size, model.dtype, model.device)
-    lm.eos_ids = list(model.spec.eos_token_ids)
-    return lm
-
-
 def engine_from_models(base: tuple | None, nudger: tuple | None, device, *, kv_cache_tokens: int, page_size: int = 16,
                        **engine_kw) -> NudgingEngine:
-    """A NudgingEngine over models built in memory: base/nudger are (spec, weights, tokenizer) or None.
+    """A NudgingEngine over models built in memory: base/nudger are (spec, weights, tokenizer) or None."""
+    backend = Backend.for_device(torch.device(device), engine_kw.get("native"))
 
-    NudgingEngine's own constructor runs (every knob it sets stays right); only its per-model
-    loader is swapped, for the duration of the call, for one that wraps the given weights. An
-    in-memory constructor hook in api.py would make the swap unnecessary."""
-    from .. import api
-
-    given = {"base": base, "nudger": nudger}
-
-    def load(name, _dir, device, _dtype, backend, kv_tokens, page, _weights="dense"):
-        spec, weights, tokenizer = given[name]
+    def loaded(name, given):
+        if given is None:
+            return None
+        spec, weights, tokenizer = given
         dtype = next(iter(weights.values())).dtype
-        return _loaded(name, Transformer(spec, weights, device, dtype, backend), tokenizer, kv_tokens, page)
+        model = Transformer(spec, weights, torch.device(device), dtype, backend)
+        return LoadedModel.from_model(name, model, tokenizer, kv_cache_tokens, page_size)
 
-    real = api.LoadedModel
-    api.LoadedModel = load
-    try:
-        return NudgingEngine(base="<in-memory base>" if base else None, nudger="<in-memory nudger>" if nudger else None,
-                             device=device, kv_cache_tokens=kv_cache_tokens, page_size=page_size, **engine_kw)
-    finally:
-        api.LoadedModel = real
+    return NudgingEngine(base=loaded("base", base), nudger=loaded("nudger", nudger), device=device,
+                         kv_cache_tokens=kv_cache_tokens, page_size=page_size, **engine_kw)
 
 
 @dataclasses.dataclass

@@ -69,9 +69,9 @@ def make_prompts(models: Models, batch: int, prompt_len: int, seed: int) -> tupl
 class StepClock:
     """Timestamps of the decode loop's steps without extra host syncs: on the CPU perf_counter() at
     the end of each gate step, driver-model forward and CUDA-graph replay; on CUDA an event recorded
-    on the stream at the same points (a few microseconds each), read after the run. Installed by
-    patching, for one run: decode.gate_fn, the driver model's forward (instance attribute) and
-    torch.cuda.CUDAGraph.replay. A step hook in decode.py would replace the patching."""
+    on the stream at the same points (a few microseconds each), read after the run. Installed for
+    one run on the engine's own seams: its runner's gate kernel (runner.kernels.gate), the driver
+    model's forward (instance attributes) and torch.cuda.CUDAGraph.replay."""
 
     def __init__(self, engine: NudgingEngine):
         self.engine = engine
@@ -96,10 +96,9 @@ class StepClock:
 
     @contextlib.contextmanager
     def installed(self, driver: Transformer):
-        from .. import decode
-
-        saved_gate_fn = decode.gate_fn
-        decode.gate_fn = lambda engine: self._wrap(saved_gate_fn(engine), "gate")
+        kernels = self.engine.runner.kernels
+        saved_gate = kernels.gate
+        kernels.gate = self._wrap(saved_gate, "gate")
         driver.forward = self._wrap(Transformer.forward.__get__(driver), "forward")
         saved_replay = torch.cuda.CUDAGraph.replay if self.cuda else None
         if self.cuda:
@@ -108,7 +107,7 @@ class StepClock:
         try:
             yield self
         finally:
-            decode.gate_fn = saved_gate_fn
+            kernels.gate = saved_gate
             del driver.forward
             if self.cuda:
                 torch.cuda.CUDAGraph.replay = saved_replay
@@ -184,12 +183,10 @@ class NudgefastRunner:
         self.nudger_prompts = nudger_prompts if config.mode != "base_only" else None
         self.crossvocab = config.mode == "nudging" and not same_vocabulary(models.engine)
         if self.crossvocab:
-            from .. import crossvocab
+            from ..runner.crossvocab import check_crossvocab_config
 
-            crossvocab.check_config(config)  # token granularity and speculation need one vocabulary
-            self._generate = lambda: crossvocab.generate_ids(self.engine, self.base_prompts, self.nudger_prompts, config)
-        else:
-            self._generate = lambda: self.engine.generate_ids(self.base_prompts, self.nudger_prompts, config)
+            check_crossvocab_config(config)  # token granularity and speculation need one vocabulary
+        self._generate = lambda: self.engine.generate_ids(self.base_prompts, self.nudger_prompts, config)
 
     def run(self, count_syncs: bool = False) -> RunRecord:
         engine, cfg = self.engine, self.config
@@ -210,7 +207,7 @@ class NudgefastRunner:
         if syncs["count"] is not None:
             rec.host_reads = syncs["count"] / per_row
         elif not self.crossvocab:
-            rec.host_reads = outs[0].stats.get("flag_reads", 0) / per_row
+            rec.host_reads = outs[0].stats.get("host_reads", 0) / per_row
         if self.crossvocab:
             rec.latency_source = "unavailable (the cross-vocabulary path has no fixed decode step)"
         else:

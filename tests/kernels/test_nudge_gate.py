@@ -19,8 +19,10 @@ import torch
 
 from nudgefast.kernels.nudge_gate import (FINISH_LENGTH, FINISH_NONE, FINISH_STOP, GATE_ENTROPY, GATE_TOP_PROB,
                                           MODE_BASE_ONLY, MODE_NUDGER_ONLY, MODE_NUDGING, STATE_BASE, STATE_NUDGE,
-                                          GateParams, GateState, ModelCursor, nudge_step, nudge_step_ref)
+                                          GateParams, GateState, ModelCursor, gate_params_for, gate_state_for,
+                                          new_gate_state, nudge_step, nudge_step_ref, set_row, set_row_params)
 from nudgefast.kernels.rng import SALT_INDEX, SALT_SEED, SALT_STREAM
+from gate_rows import Cfg, apply, legacy_state, row_of  # noqa: F401  (re-exported to test_spec_accept)
 
 M32 = 0xFFFFFFFF
 
@@ -137,12 +139,14 @@ def to_rows(state, cursors):
 
 
 def run_python(state, cursors, base_logits, nudger_logits, prm):
+    """One step of the plain-Python model; prm: one Cfg for every row or a list (one per row)."""
     rows = to_rows(state, cursors)
-    stop = set(state.stop_ids.tolist())
+    cfgs = list(prm) if isinstance(prm, (list, tuple)) else [prm] * len(rows)
     ws = state.word_start.tolist()
     for i, r in enumerate(rows):
+        stop = set(state.stop_ids[i].tolist()) - {-1}
         py_step(r, None if base_logits is None else base_logits[i].float().tolist(),
-                None if nudger_logits is None else nudger_logits[i].float().tolist(), prm, stop, ws)
+                None if nudger_logits is None else nudger_logits[i].float().tolist(), cfgs[i], stop, ws)
     return rows
 
 
@@ -170,7 +174,7 @@ def make_cursor(positions, P, page, gen):
 
 def make_state(B, V, max_new, gen, stop=(3,), finished_every=5):
     W = max(1, V - 3)  # the last ids are past the tokenizer's vocabulary: never word starts
-    return GateState(
+    return legacy_state(
         seed=torch.randint(-(2**62), 2**62, (B,), generator=gen),
         word_state=torch.randint(0, 2, (B,), generator=gen, dtype=torch.int32),
         span=torch.randint(0, 3, (B,), generator=gen, dtype=torch.int32),
@@ -300,9 +304,9 @@ def check_untouched(before, after, cursors_before, cursors_after, i):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_word_level_transitions(impl, gate, dtype):
     state, cursors, bl, nl, threshold = scenario_batch([c[1] for c in WORD_CASES], gate, dtype)
-    prm = GateParams(MODE_NUDGING, gate, threshold, True, 0.0, 1.0, 6)
+    prm = apply(state, Cfg(MODE_NUDGING, gate, threshold, True, 0.0, 1.0, 6))
     before, cur_before = clone(state), [clone(c) for c in cursors]
-    impl(bl, nl, state, prm, *cursors)
+    impl(bl, nl, state, apply(state, prm), *cursors)
     for i, (name, _, expected) in enumerate(WORD_CASES):
         check_expected(before, state, cur_before, cursors, i, expected)
     check_untouched(before, state, cur_before, cursors, len(WORD_CASES))
@@ -314,9 +318,9 @@ def test_token_level_and_single_model_modes(impl, gate):
     rows = [(STATE_NUDGE, 0, c, b, n, 0) for (c, b, n), _ in TOKEN_CASES]
     for mode in (MODE_NUDGING, MODE_BASE_ONLY, MODE_NUDGER_ONLY):
         state, cursors, bl, nl, threshold = scenario_batch(rows, gate)
-        prm = GateParams(mode, gate, threshold, False, 0.0, 1.0, 6)
+        prm = apply(state, Cfg(mode, gate, threshold, False, 0.0, 1.0, 6))
         before, cur_before = clone(state), [clone(c) for c in cursors]
-        impl(None if mode == MODE_NUDGER_ONLY else bl, None if mode == MODE_BASE_ONLY else nl, state, prm, *cursors)
+        impl(None if mode == MODE_NUDGER_ONLY else bl, None if mode == MODE_BASE_ONLY else nl, state, apply(state, prm), *cursors)
         for i, ((confident, b, n), (token, from_n)) in enumerate(TOKEN_CASES):
             if mode == MODE_BASE_ONLY:
                 token, from_n = (None if b == STOP else b), 0
@@ -377,19 +381,19 @@ def python_matches(state, cursors, rows):
 def test_reference_matches_python_model(V, dtype, mode, gate, word, temperature, top_p):
     for seed in range(3):
         bl, nl, state, cursors = random_case(V, dtype, mode, seed=seed)
-        prm = GateParams(mode, gate, 0.4 if gate == GATE_TOP_PROB else 1.5, word, temperature, top_p, 6)
+        prm = Cfg(mode, gate, 0.4 if gate == GATE_TOP_PROB else 1.5, word, temperature, top_p, 6)
         rows = run_python(state, cursors, bl, nl, prm)
-        nudge_step_ref(bl, nl, state, prm, *cursors)
+        nudge_step_ref(bl, nl, state, apply(state, prm), *cursors)
         python_matches(state, cursors, rows)
 
 
 @pytest.mark.parametrize("V,dtype,mode,gate,word,temperature,top_p", TABLE)
 def test_triton_matches_reference(V, dtype, mode, gate, word, temperature, top_p):
     bl, nl, state, cursors = random_case(V, dtype, mode, seed=11)
-    prm = GateParams(mode, gate, 0.4 if gate == GATE_TOP_PROB else 1.5, word, temperature, top_p, 6)
+    prm = Cfg(mode, gate, 0.4 if gate == GATE_TOP_PROB else 1.5, word, temperature, top_p, 6)
     ref_state, ref_cursors = clone(state), [clone(c) for c in cursors]
-    nudge_step_ref(bl, nl, ref_state, prm, *ref_cursors)
-    nudge_step(bl, nl, state, prm, *cursors)
+    nudge_step_ref(bl, nl, ref_state, apply(ref_state, prm), *ref_cursors)
+    nudge_step(bl, nl, state, apply(state, prm), *cursors)
     assert_same(state, ref_state, "state.")
     for c, rc in zip(cursors, ref_cursors):
         assert_same(c, rc, "cursor.")
@@ -405,17 +409,17 @@ def test_thirty_steps_triton_reference_python(word, temperature, top_p):
     state.n_out.zero_()
     state.n_nudged.zero_()
     cursors = [make_cursor([0] * B, 12, 3, gen), make_cursor([2] * B, 12, 3, gen)]
-    prm = GateParams(MODE_NUDGING, GATE_TOP_PROB, 0.35, word, temperature, top_p, steps)
+    prm = Cfg(MODE_NUDGING, GATE_TOP_PROB, 0.35, word, temperature, top_p, steps)
     ref_state, ref_cursors = clone(state), [clone(c) for c in cursors]
     rows = to_rows(state, cursors)
-    stop, ws = set(state.stop_ids.tolist()), state.word_start.tolist()
+    stop, ws = set(state.stop_ids[0].tolist()), state.word_start.tolist()  # every row has the same stop ids
     for _ in range(steps):
         bl = torch.randn(B, V, generator=gen) * torch.empty(B, 1).uniform_(0.5, 5.0, generator=gen)
         nl = torch.randn(B, V, generator=gen) * 3
         nl[:, 3] -= 4.0  # stop ids are rare but reachable
         nl[:, 44] -= 4.0
-        nudge_step(bl, nl, state, prm, *cursors)
-        nudge_step_ref(bl, nl, ref_state, prm, *ref_cursors)
+        nudge_step(bl, nl, state, apply(state, prm), *cursors)
+        nudge_step_ref(bl, nl, ref_state, apply(ref_state, prm), *ref_cursors)
         for i, r in enumerate(rows):
             py_step(r, bl[i].tolist(), nl[i].tolist(), prm, stop, ws)
     assert_same(state, ref_state, "state.")
@@ -425,19 +429,173 @@ def test_thirty_steps_triton_reference_python(word, temperature, top_p):
     assert 0 < int(state.n_nudged.sum()) < int(state.n_out.sum())  # both models wrote
 
 
+# ----------------------------------------------------------------------------- mixed rows (per-row parameters)
+
+# one row each: (gate, threshold, word, temperature, top_p, max_new); the stop ids differ per row too
+MIXED_ROWS = [
+    (GATE_TOP_PROB, 0.4, True, 0.0, 1.0, 6),
+    (GATE_ENTROPY, 1.5, True, 0.7, 0.8, 9),
+    (GATE_TOP_PROB, 0.9, False, 1.3, 1.0, 4),
+    (GATE_ENTROPY, 0.5, False, 0.0, 1.0, 7),
+    (GATE_TOP_PROB, 0.2, True, 0.7, 1.0, 3),
+    (GATE_ENTROPY, 3.0, False, 0.9, 0.5, 8),
+    (GATE_TOP_PROB, 0.6, True, 2.0, 0.95, 5),
+    (GATE_TOP_PROB, 0.3, False, 0.0, 0.5, 6),  # greedy ignores top_p
+    (GATE_ENTROPY, 1.0, True, 0.5, 0.7, 9),
+]
+
+
+def mixed_case(V, dtype, mode, seed, rows=MIXED_ROWS):
+    """A batch whose rows all differ: gate, threshold, granularity, sampler, seed, max_new, stop ids
+    (0 to 3 per row, padded with -1), and n_out (some rows one token before their max_new)."""
+    B = len(rows)
+    bl, nl, state, cursors = random_case(V, dtype, mode, B=B, seed=seed, max_new=max(r[-1] for r in rows))
+    cfgs = [Cfg(mode, *r) for r in rows]
+    gen = torch.Generator().manual_seed(seed)
+    state.stop_ids = torch.full((B, 3), -1, dtype=torch.int64)
+    for i, c in enumerate(cfgs):
+        stops = torch.randperm(V, generator=gen)[: i % 4].tolist()
+        if i % 4 and bl is not None:
+            stops[0] = int(bl[i].float().argmax())  # a stop id that the base candidate may hit
+        state.stop_ids[i, :len(stops)] = torch.tensor(stops, dtype=torch.int64)
+        state.n_out[i] = min(int(state.n_out[i]), c.max_new_tokens - 1) if i % 3 else c.max_new_tokens - 1
+    return bl, nl, state, cursors, cfgs
+
+
+def solo_rows(impl, bl, nl, state, cursors, cfgs):
+    """Each row run alone (a batch of one, with its own compile-time sampler): a list of (state, cursors)."""
+    out = []
+    for i, c in enumerate(cfgs):
+        st, cs = row_of(state, i), [row_of(cur, i) for cur in cursors]
+        impl(None if bl is None else bl[i:i + 1], None if nl is None else nl[i:i + 1], st, apply(st, c), *cs)
+        out.append((st, cs))
+    return out
+
+
+def assert_rows_equal(state, cursors, solo):
+    for i, (st, cs) in enumerate(solo):
+        assert_same(row_of(state, i), st, f"row {i} state.")
+        for c, sc in zip(cursors, cs):
+            assert_same(row_of(c, i), sc, f"row {i} cursor.")
+
+
+@pytest.mark.parametrize("mode", [MODE_NUDGING, MODE_BASE_ONLY, MODE_NUDGER_ONLY])
+def test_mixed_rows_reference_matches_python_model_and_solo_rows(mode):
+    for seed in range(3):
+        bl, nl, state, cursors, cfgs = mixed_case(37 if seed != 1 else 300, torch.float32, mode, seed)
+        prm = apply(state, cfgs)
+        rows = run_python(state, cursors, bl, nl, cfgs)
+        solo = solo_rows(nudge_step_ref, bl, nl, state, cursors, cfgs)
+        nudge_step_ref(bl, nl, state, prm, *cursors)
+        python_matches(state, cursors, rows)
+        assert_rows_equal(state, cursors, solo)
+        assert {r["finished"] for r in rows} >= {FINISH_NONE, FINISH_LENGTH}, "the batch must exercise max_new"
+
+
+@pytest.mark.parametrize("mode,V,dtype", [(MODE_NUDGING, 37, torch.float32), (MODE_NUDGING, 300, torch.bfloat16),
+                                          (MODE_BASE_ONLY, 37, torch.float32)])
+def test_mixed_rows_triton_matches_reference_and_solo_rows(mode, V, dtype):
+    bl, nl, state, cursors, cfgs = mixed_case(V, dtype, mode, seed=4)
+    prm = apply(state, cfgs)
+    ref_state, ref_cursors = clone(state), [clone(c) for c in cursors]
+    solo = solo_rows(nudge_step, bl, nl, state, cursors, cfgs)
+    nudge_step_ref(bl, nl, ref_state, prm, *ref_cursors)
+    nudge_step(bl, nl, state, prm, *cursors)
+    assert_same(state, ref_state, "state.")
+    for c, rc in zip(cursors, ref_cursors):
+        assert_same(c, rc, "cursor.")
+    assert_rows_equal(state, cursors, solo)
+
+
+def test_greedy_compiled_batch_equals_nucleus_compiled_batch():
+    """max_sample only prunes code: an all-greedy batch gives the same under either constant."""
+    bl, nl, state, cursors, cfgs = mixed_case(37, torch.float32, MODE_NUDGING, seed=5,
+                                              rows=[r for r in MIXED_ROWS if r[3] == 0.0])
+    prm = apply(state, cfgs)
+    assert prm.max_sample == 0
+    other, other_cursors = clone(state), [clone(c) for c in cursors]
+    nudge_step(bl, nl, state, prm, *cursors)
+    nudge_step(bl, nl, other, GateParams(MODE_NUDGING), *other_cursors)
+    assert_same(state, other, "state.")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_out_tokens_ring_wraps(impl):
+    """Output step t lands at column t % Wout: a narrow ring holds the last Wout tokens of a wide run."""
+    B, V, steps, width = 4, 40, 11, 4
+    gen = torch.Generator().manual_seed(9)
+    wide = make_state(B, V, steps, gen, stop=(V + 5,), finished_every=B + 1)  # a stop id never drawn
+    wide.n_out.zero_()
+    cursors = [make_cursor([0] * B, 8, 3, gen)]
+    narrow = legacy_state(**{k: getattr(wide, k).clone() for k in (
+        "seed", "word_state", "span", "finished", "n_out", "n_nudged", "stop_ids", "word_start")},
+        out_tokens=torch.zeros(B, width, dtype=torch.int32), out_from_nudger=torch.zeros(B, width, dtype=torch.int8))
+    cfg = Cfg(MODE_NUDGING, GATE_TOP_PROB, 0.4, True, 0.7, 1.0, steps)
+    prm_w, prm_n = apply(wide, cfg), apply(narrow, cfg)
+    narrow_cursors = [clone(c) for c in cursors]
+    for _ in range(steps):
+        bl, nl = torch.randn(B, V, generator=gen) * 3, torch.randn(B, V, generator=gen) * 3
+        impl(bl, nl, wide, prm_w, *cursors, None)
+        impl(bl, nl, narrow, prm_n, *narrow_cursors, None)
+    for r in range(B):
+        n = int(wide.n_out[r])
+        assert n == int(narrow.n_out[r]) == steps
+        for t in range(n - width, n):
+            assert int(narrow.out_tokens[r, t % width]) == int(wide.out_tokens[r, t])
+            assert int(narrow.out_from_nudger[r, t % width]) == int(wide.out_from_nudger[r, t])
+
+
+def test_state_helpers():
+    ws = torch.tensor([True, False, True])
+    st = new_gate_state(3, out_width=5, stop_width=2, word_start=ws)
+    assert st.finished.tolist() == [FINISH_STOP] * 3  # inert slots: no kernel touches them
+    set_row(st, 1, seed=7, gate="entropy", threshold=1.5, granularity="word", temperature=0.5, top_p=0.9,
+            max_new_tokens=4, stop_ids=[11], n_out=2)
+    assert st.finished.tolist() == [FINISH_STOP, FINISH_NONE, FINISH_STOP]
+    assert st.stop_ids[1].tolist() == [11, -1] and int(st.n_out[1]) == 2 and int(st.seed[1]) == 7
+    assert (int(st.gate[1]), int(st.word_level[1]), int(st.sample_mode[1]), int(st.max_new[1])) == (
+        GATE_ENTROPY, 1, 2, 4)
+    assert float(st.inv_temp[1]) == 2.0 and float(st.threshold[1]) == 1.5
+    cfg = type("C", (), dict(mode="nudging", gate="top_prob", threshold=0.3, granularity="token", temperature=0.0,
+                             top_p=1.0, max_new_tokens=6))()
+    st = gate_state_for(cfg, 2, [5, 2, 5], ws, [3, 4])
+    assert st.stop_ids.tolist() == [[2, 5], [2, 5]] and st.finished.tolist() == [0, 0]
+    assert st.out_tokens.shape == (2, 6) and st.max_new.tolist() == [6, 6] and st.sample_mode.tolist() == [0, 0]
+    assert gate_params_for(cfg) == GateParams(MODE_NUDGING, 0)
+    empty = gate_state_for(cfg, 1, [], ws, [3])
+    assert empty.stop_ids.tolist() == [[-1]]
+
+
 def test_bad_inputs_are_rejected():
     bl, nl, state, cursors = random_case(37, torch.float32, MODE_NUDGING)
-    prm = GateParams(MODE_NUDGING, GATE_TOP_PROB, 0.4, True, 0.0, 1.0, 6)
+    prm = apply(state, Cfg(MODE_NUDGING, GATE_TOP_PROB, 0.4, True, 0.0, 1.0, 6))
     with pytest.raises(ValueError, match="nudger_logits"):
         nudge_step_ref(bl, None, state, prm, *cursors)
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        nudge_step_ref(bl, nl, state, GateParams(MODE_NUDGING, GATE_TOP_PROB, 0.4, True, 0.0, 1.0, 7), *cursors)
     with pytest.raises(ValueError, match="mode"):
-        nudge_step_ref(bl, nl, state, GateParams(5, GATE_TOP_PROB, 0.4, True, 0.0, 1.0, 6), *cursors)
-    with pytest.raises(ValueError, match="top_p"):
-        nudge_step(bl, nl, state, GateParams(MODE_NUDGING, GATE_TOP_PROB, 0.4, True, 0.5, 0.0, 6), *cursors)
+        nudge_step_ref(bl, nl, state, GateParams(5), *cursors)
+    with pytest.raises(ValueError, match="max_sample"):
+        nudge_step(bl, nl, state, GateParams(MODE_NUDGING, 7), *cursors)
     with pytest.raises(ValueError, match="rows"):
         nudge_step(bl[:3], nl, state, prm, *cursors)
+    # the per-row parameters are validated where they are written (never in the decode loop)
+    for kwargs, match in ((dict(top_p=0.0), "top_p"), (dict(temperature=-1.0), "temperature"),
+                          (dict(max_new_tokens=0), "max_new_tokens"), (dict(gate="maxprob"), "gate"),
+                          (dict(granularity="sentence"), "granularity")):
+        args = dict(gate="top_prob", threshold=0.4, granularity="word", temperature=0.0, top_p=1.0,
+                    max_new_tokens=6) | kwargs
+        with pytest.raises(ValueError, match=match):
+            set_row_params(state, 0, **args)
+    with pytest.raises(ValueError, match="stop ids"):
+        set_row(state, 0, seed=1, gate="top_prob", threshold=0.4, granularity="word", temperature=0.0, top_p=1.0,
+                max_new_tokens=6, stop_ids=[1, 2, 3])  # wider than the state's stop_ids
+    bad = clone(state)
+    bad.stop_ids = bad.stop_ids[0]
+    with pytest.raises(ValueError, match="stop_ids"):
+        nudge_step_ref(bl, nl, bad, prm, *cursors)
+    bad = clone(state)
+    bad.threshold = bad.threshold.double()
+    with pytest.raises(TypeError, match="threshold"):
+        nudge_step(bl, nl, bad, prm, *cursors)
     state.n_out = state.n_out.long()
     with pytest.raises(TypeError, match="n_out"):
         nudge_step(bl, nl, state, prm, *cursors)
@@ -457,10 +615,10 @@ def test_gpu_real_vocab_bf16(V, mode, word, temperature, top_p):
     state = GateState(**{k: to(v) for k, v in vars(state).items()})
     cursors = [ModelCursor(**{k: to(v) if isinstance(v, torch.Tensor) else v for k, v in vars(c).items()})
                for c in cursors]
-    prm = GateParams(mode, GATE_TOP_PROB, 0.4, word, temperature, top_p, 6)
+    prm = Cfg(mode, GATE_TOP_PROB, 0.4, word, temperature, top_p, 6)
     ref_state, ref_cursors = clone(state), [clone(c) for c in cursors]
-    nudge_step_ref(to(bl), to(nl), ref_state, prm, *ref_cursors)
-    nudge_step(to(bl), to(nl), state, prm, *cursors)
+    nudge_step_ref(to(bl), to(nl), ref_state, apply(ref_state, prm), *ref_cursors)
+    nudge_step(to(bl), to(nl), state, apply(state, prm), *cursors)
     assert_same(state, ref_state, "state.")
     for c, rc in zip(cursors, ref_cursors):
         assert_same(c, rc, "cursor.")
@@ -473,7 +631,7 @@ def test_gpu_step_replays_in_a_cuda_graph():
     cursors = [ModelCursor(**{k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in vars(c).items()})
                for c in cursors]
     bl, nl = bl.cuda(), nl.cuda()
-    prm = GateParams(MODE_NUDGING, GATE_TOP_PROB, 0.4, True, 0.7, 0.9, 12)
+    prm = apply(state, Cfg(MODE_NUDGING, GATE_TOP_PROB, 0.4, True, 0.7, 0.9, 12))  # before the capture
     eager_state, eager_cursors = clone(state), [clone(c) for c in cursors]
     nudge_step(bl, nl, clone(state), prm, *[clone(c) for c in cursors])  # compile outside the capture
     graph = torch.cuda.CUDAGraph()

@@ -13,9 +13,10 @@ import torch
 
 from nudgefast.kernels.nudge_gate import (FINISH_LENGTH, FINISH_NONE, FINISH_STOP, GATE_ENTROPY, GATE_TOP_PROB,
                                           MODE_BASE_ONLY, MODE_NUDGER_ONLY, MODE_NUDGING, STATE_BASE, STATE_NUDGE,
-                                          GateParams, GateState, ModelCursor, nudge_step_ref)
+                                          GateParams, GateState, ModelCursor, candidate_ref, nudge_step_ref)
 from nudgefast.kernels.sample import sample_ref
 from nudgefast.kernels.spec_accept import SpecStats, spec_accept, spec_accept_ref
+from gate_rows import Cfg, apply, legacy_state, row_of
 from test_nudge_gate import assert_same, clone  # the state helpers, not restated
 
 STOP, PAGE = 5, 3
@@ -40,7 +41,7 @@ def make_cursor(B, gen, pages=8):
 
 def make_batch(B, V, max_new, gen, word_state=None, span=None, n_out=None, finished=None):
     W = V - 2  # the last two ids are never word starts
-    state = GateState(
+    state = legacy_state(
         seed=torch.randint(-(2**62), 2**62, (B,), generator=gen),
         word_state=torch.randint(0, 2, (B,), generator=gen, dtype=torch.int32) if word_state is None
         else torch.tensor(word_state, dtype=torch.int32),
@@ -61,7 +62,7 @@ def make_batch(B, V, max_new, gen, word_state=None, span=None, n_out=None, finis
 
 def run_round(impl, verify, draft, state, prm, base, nudger):
     stats = SpecStats.zeros(state.seed.shape[0])
-    impl(verify, draft, state, prm, base, nudger, stats)
+    impl(verify, draft, state, apply(state, prm), base, nudger, stats)
     return stats
 
 
@@ -111,7 +112,7 @@ def test_explicit_rounds_word_level(impl, gate):
                                      finished=[s[3] for s in specs])
     verify = torch.stack([torch.stack([peaked(V, b, c) for b, c in s[4]]) for s in specs])
     draft = torch.tensor([s[5] for s in specs], dtype=torch.int64)
-    prm = GateParams(MODE_NUDGING, gate, 0.4 if gate == GATE_TOP_PROB else 1.0, True, 0.0, 1.0, max_new)
+    prm = apply(state, Cfg(MODE_NUDGING, gate, 0.4 if gate == GATE_TOP_PROB else 1.0, True, 0.0, 1.0, max_new))
     before, b0, n0 = clone(state), clone(base), clone(nudger)
     stats = run_round(impl, verify, draft, state, prm, base, nudger)
     for i, (name, spec, expected) in enumerate(K3_CASES):
@@ -160,7 +161,7 @@ def test_explicit_rounds_token_level_and_base_only(impl):
     for mode, expected in want.items():
         gen = torch.Generator().manual_seed(2)
         state, base, nudger = make_batch(3, V, max_new, gen)
-        prm = GateParams(mode, GATE_TOP_PROB, 0.4, False, 0.0, 1.0, max_new)
+        prm = Cfg(mode, GATE_TOP_PROB, 0.4, False, 0.0, 1.0, max_new)
         stats = run_round(impl, verify, draft, state, prm, base, nudger)
         for i, (tokens, finished) in enumerate(expected):
             assert state.out_tokens[i, :len(tokens)].tolist() == tokens, (mode, i)
@@ -208,7 +209,7 @@ def sequential_snapshots(base_rows, nudger_rows, state, prm, base, nudger):
     snaps = [(clone(state), clone(base), clone(nudger))]
     for j in range(base_rows.shape[1]):
         nl = None if prm.mode == MODE_BASE_ONLY else nudger_rows[:, j]
-        nudge_step_ref(base_rows[:, j], nl, state, prm, base, nudger)
+        nudge_step_ref(base_rows[:, j], nl, state, apply(state, prm), base, nudger)
         snaps.append((clone(state), clone(base), clone(nudger)))
     return snaps
 
@@ -251,7 +252,8 @@ def check_against_sequential(impl, V, dtype, mode, gate, word, temperature, top_
     gen = torch.Generator().manual_seed(seed)
     B = 12
     base_rows, nudger_rows, state, base, nudger = property_batch(B, V, K, dtype, gen, temperature)
-    prm = GateParams(mode, gate, 0.4 if gate == GATE_TOP_PROB else 1.0, word, temperature, top_p, 12)
+    cfg = Cfg(mode, gate, 0.4 if gate == GATE_TOP_PROB else 1.0, word, temperature, top_p, 12)
+    prm = apply(state, cfg)
     # the draft: the nudger's candidates at output steps n_out + i, as the engine's draft loop makes them
     draft = torch.stack([sample_ref(nudger_rows[:, i], state.seed, state.n_out + i, 1, temperature, top_p)
                          for i in range(K)], dim=1)
@@ -260,7 +262,7 @@ def check_against_sequential(impl, V, dtype, mode, gate, word, temperature, top_
     stats = SpecStats.zeros(B)
     impl(base_rows, draft, state, prm, base, nudger, stats)
     for row in range(B):
-        s = expected_positions(snaps, draft, prm, row, K)
+        s = expected_positions(snaps, draft, cfg, row, K)
         for got, want in zip((state, base, nudger), snaps[s]):
             assert_same_row(got, want, row, (row, s))
         c = int(state.n_out[row]) - int(start_state.n_out[row])
@@ -308,13 +310,57 @@ def test_triton_equals_reference_on_random_drafts(V, dtype, mode, gate, word, te
     base_rows, nudger_rows, state, base, nudger = property_batch(B, V, K, dtype, gen, temperature)
     draft = torch.randint(0, V, (B, K), generator=gen)
     draft[::2] = base_rows[::2, :K].float().argmax(-1)  # half the rows draft the base argmax: long accepts
-    prm = GateParams(mode, gate, 0.4 if gate == GATE_TOP_PROB else 1.0, word, temperature, top_p, 12)
+    prm = Cfg(mode, gate, 0.4 if gate == GATE_TOP_PROB else 1.0, word, temperature, top_p, 12)
     ref = [clone(state), clone(base), clone(nudger), SpecStats.zeros(B)]
     got = [state, base, nudger, SpecStats.zeros(B)]
-    spec_accept_ref(base_rows, draft, ref[0], prm, ref[1], ref[2], ref[3])
-    spec_accept(base_rows, draft, got[0], prm, got[1], got[2], got[3])
+    spec_accept_ref(base_rows, draft, ref[0], apply(ref[0], prm), ref[1], ref[2], ref[3])
+    spec_accept(base_rows, draft, got[0], apply(got[0], prm), got[1], got[2], got[3])
     for g, r in zip(got, ref):
         assert_same(g, r)
+
+
+# (gate, threshold, word, temperature, top_p, max_new): every row of the mixed batch differs
+MIXED = [
+    (GATE_TOP_PROB, 0.4, True, 0.0, 1.0, 12),
+    (GATE_ENTROPY, 1.0, True, 0.7, 0.8, 11),
+    (GATE_TOP_PROB, 0.6, False, 1.3, 1.0, 10),
+    (GATE_ENTROPY, 0.5, False, 0.0, 1.0, 12),
+    (GATE_TOP_PROB, 0.2, True, 0.7, 1.0, 11),
+    (GATE_ENTROPY, 2.0, False, 0.9, 0.5, 10),
+]
+
+
+@pytest.mark.parametrize("impl,V,K", [pytest.param(spec_accept_ref, 37, 3, id="ref-37"),
+                                      pytest.param(spec_accept_ref, 300, 4, id="ref-300"),
+                                      pytest.param(spec_accept, 37, 3, id="triton-37")])
+def test_mixed_rows_equal_sequential_rule_and_solo_rows(impl, V, K):
+    gen = torch.Generator().manual_seed(V * K)
+    B = 12
+    base_rows, nudger_rows, state, base, nudger = property_batch(B, V, K, torch.float32, gen, 0.7)
+    cfgs = [Cfg(MODE_NUDGING, *MIXED[i % len(MIXED)]) for i in range(B)]
+    for i, c in enumerate(cfgs):  # per-row stop ids (STOP everywhere: the batch drafts it), per-row lengths
+        state.stop_ids[i] = torch.tensor([[STOP, -1], [STOP, V - 1], [STOP, 7]][i % 3])
+        if int(state.n_out[i]) >= c.max_new_tokens:
+            state.n_out[i] = c.max_new_tokens - 1
+    prm = apply(state, cfgs)
+    draft = torch.stack([candidate_ref(nudger_rows[:, i], state, prm, state.n_out + i, 1) for i in range(K)], dim=1)
+    snaps = sequential_snapshots(base_rows, nudger_rows, clone(state), prm, clone(base), clone(nudger))
+    solo = []
+    for i, c in enumerate(cfgs):
+        one = [row_of(state, i), row_of(base, i), row_of(nudger, i), SpecStats.zeros(1)]
+        impl(base_rows[i:i + 1], draft[i:i + 1], one[0], apply(one[0], c), one[1], one[2], one[3])
+        solo.append(one)
+    stats = SpecStats.zeros(B)
+    impl(base_rows, draft, state, prm, base, nudger, stats)
+    kinds = set()
+    for row in range(B):
+        s = expected_positions(snaps, draft, cfgs[row], row, K)
+        for got, want in zip((state, base, nudger), snaps[s]):
+            assert_same_row(got, want, row, (row, s))
+        for got, want in zip((state, base, nudger, stats), solo[row]):
+            assert_same(row_of(got, row), want, f"row {row} solo: ")
+        kinds.add(s)
+    assert len(kinds) >= 3, kinds  # rows covered different numbers of positions
 
 
 def test_bad_inputs_are_rejected():
@@ -322,16 +368,16 @@ def test_bad_inputs_are_rejected():
     state, base, nudger = make_batch(2, 37, 6, gen)
     verify = torch.randn(2, 4, 37)
     draft = torch.zeros(2, 3, dtype=torch.int64)
-    prm = GateParams(MODE_NUDGING, GATE_TOP_PROB, 0.4, True, 0.0, 1.0, 6)
+    prm = Cfg(MODE_NUDGING, GATE_TOP_PROB, 0.4, True, 0.0, 1.0, 6)
     with pytest.raises(ValueError, match="K\\+1"):
-        spec_accept_ref(verify[:, :3], draft, state, prm, base, nudger, SpecStats.zeros(2))
+        spec_accept_ref(verify[:, :3], draft, state, apply(state, prm), base, nudger, SpecStats.zeros(2))
     with pytest.raises(ValueError, match="base model"):
-        spec_accept(verify, draft, state, GateParams(MODE_NUDGER_ONLY, 0, 0.4, True, 0.0, 1.0, 6), base, nudger,
+        spec_accept(verify, draft, state, GateParams(MODE_NUDGER_ONLY), base, nudger,
                     SpecStats.zeros(2))
     with pytest.raises(TypeError, match="draft"):
-        spec_accept(verify, draft.int(), state, prm, base, nudger, SpecStats.zeros(2))
+        spec_accept(verify, draft.int(), state, apply(state, prm), base, nudger, SpecStats.zeros(2))
     with pytest.raises(TypeError, match="nudger"):
-        spec_accept(verify, draft, state, prm, base, None, SpecStats.zeros(2))
+        spec_accept(verify, draft, state, apply(state, prm), base, None, SpecStats.zeros(2))
 
 
 @pytest.mark.gpu
@@ -344,12 +390,12 @@ def test_gpu_real_vocab(V, word, temperature, top_p, K):
     cuda = lambda o: type(o)(**{k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in vars(o).items()})  # noqa
     state, base, nudger = cuda(state), cuda(base), cuda(nudger)
     base_rows, nudger_rows = base_rows.cuda(), nudger_rows.cuda()
-    prm = GateParams(MODE_NUDGING, GATE_TOP_PROB, 0.4, word, temperature, top_p, 12)
+    prm = Cfg(MODE_NUDGING, GATE_TOP_PROB, 0.4, word, temperature, top_p, 12)
     draft = torch.stack([sample_ref(nudger_rows[:, i], state.seed, state.n_out + i, 1, temperature, top_p)
                          for i in range(K)], dim=1)
     ref = [clone(state), clone(base), clone(nudger), cuda(SpecStats.zeros(B))]
     got = [state, base, nudger, cuda(SpecStats.zeros(B))]
-    spec_accept_ref(base_rows, draft, ref[0], prm, ref[1], ref[2], ref[3])
-    spec_accept(base_rows, draft, got[0], prm, got[1], got[2], got[3])
+    spec_accept_ref(base_rows, draft, ref[0], apply(ref[0], prm), ref[1], ref[2], ref[3])
+    spec_accept(base_rows, draft, got[0], apply(got[0], prm), got[1], got[2], got[3])
     for g, r in zip(got, ref):
         assert_same(g, r)

@@ -25,11 +25,11 @@ final text, each model holds exactly the fresh encoding of the text after its pr
 - Tokenizers that prepend a space to the text (Llama-2, Metaspace) get the window without its
   leading space: they put the marker back themselves.
 
-Counting: max_new_tokens counts emitted tokens, each in its writer's vocabulary. Slack: every row
-reserves prompt + max_new_tokens + max(16, max_new_tokens // 2) positions per model at admission
-(the reader's tokenization of a word can take more tokens than the writer's); a row that still
-outgrows its pages (pathological text) gets more pages at the word boundary where it happens, which
-is a host step in this path anyway.
+Counting: max_new_tokens counts emitted tokens, each in its writer's vocabulary. Pages come on
+demand: before each forward every row gets the pages its ids need (the scheduler preempts the
+youngest request when a pool is short). A request is refused at admission only if prompt +
+max_new_tokens + max(16, max_new_tokens // 2) positions (the reader's tokenization of a word can take
+more tokens than the writer's) exceed a whole pool.
 
 Per step the rows still running split by the logits they wait for; each model runs ONE varlen
 forward over its group (single tokens of rows that write, prefill chunks of rows that just read
@@ -52,11 +52,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .crossvocab_reference import BASE, NUDGE, TextCodec, agrees, merge_spans
-from .decode import Side, block_table, release_pages, reserve_pages, row_seeds, validate_prompts
-from .kernels.nudge_gate import base_stats_ref
-from .kernels.sample import sample, sample_ref
-from .kv_cache import AttentionMetadata
+from ..crossvocab_reference import BASE, NUDGE, TextCodec, agrees, merge_spans
+from ..kernels.nudge_gate import base_stats_ref
+from ..kernels.sample import inverse_temperature, sample_mode, sample_rows, sample_rows_ref
+from ..kv_cache import AttentionMetadata
 
 WORD_MARKERS = ("\u0120", "\u2581", " ")
 _WHITESPACE_BYTES = (9, 10, 11, 12, 13, 32)
@@ -66,7 +65,7 @@ WRITE_N, DECIDE_B, WRITE_B, HANDOVER_N = "write_n", "decide_b", "write_b", "hand
 NEEDS = {WRITE_N: "nudger", DECIDE_B: "base", WRITE_B: "base", HANDOVER_N: "nudger"}
 
 
-def slack_tokens(max_new_tokens: int) -> int:
+def crossvocab_slack(max_new_tokens: int) -> int:
     return max(16, max_new_tokens // 2)
 
 
@@ -144,7 +143,9 @@ def encoder_for(loaded) -> WindowEncoder:
     return enc
 
 
-def stop_ids(engine, config) -> tuple[frozenset, frozenset]:
+
+
+def crossvocab_stop_ids(engine, config) -> tuple[frozenset, frozenset]:
     """(base stop ids, nudger stop ids), each in its own vocabulary (crossvocab_reference.py)."""
     def eos_and_eot(loaded):
         ids = set(loaded.eos_ids)
@@ -158,13 +159,21 @@ def stop_ids(engine, config) -> tuple[frozenset, frozenset]:
     return eos_and_eot(engine.base), nudger
 
 
+def check_crossvocab_config(config) -> None:
+    if config.granularity != "word":
+        raise ValueError("granularity='token' needs a shared vocabulary; with different tokenizers "
+                         "nudging runs on words (granularity='word')")
+    if config.speculate:
+        raise ValueError(f"speculate={config.speculate} needs a shared vocabulary (the nudger drafts the base "
+                         "model's tokens); use speculate=0 with different tokenizers")
+
+
 @dataclass
 class Track:
     """One model's ids for one row: prompt + its tokenization of the shared text (+ the tokens it
-    wrote since the text was last extended)."""
+    wrote since the text was last extended). Its pages are the request's (req.pages[model])."""
     ids: list[int]
     n_prompt: int
-    pages: list[int]
     cached: int = 0  # ids[:cached] have their KV in the cache
     flushed: int = 0  # ids[:flushed] are part of the shared text
     anchor_tok: int = 0  # re-tokenization windows start at ids[anchor_tok] ...
@@ -180,11 +189,14 @@ class Track:
 
 @dataclass
 class Row:
-    index: int
+    req: object  # engine Request
     seed: int
     tracks: dict
+    base_stop: frozenset
+    nudger_stop: frozenset
     text: str = ""
     pieces: list = field(default_factory=list)
+    pieces_sent: int = 0
     mode: str = NUDGE
     span: int = 0
     emitted: int = 0
@@ -194,21 +206,49 @@ class Row:
     phase: str = WRITE_N
     held_n: int = -1  # the nudger's word-start candidate while the base decides
     finish: str | None = None
+    completion: object = None
+    forwards: dict = field(default_factory=lambda: {"base": 0, "nudger": 0})
+    forward_tokens: dict = field(default_factory=lambda: {"base": 0, "nudger": 0})
+
+    @property
+    def config(self):
+        return self.req.config
 
 
-class CrossVocabRun:
-    """One batch of answers through the word-level state machine."""
+class CrossVocabRunner:
+    """The running rows of the text-level path. Each round runs a few iterations; per iteration the
+    rows split by the logits they wait for and each model runs ONE varlen forward over its group
+    (single tokens of rows that write, prefill chunks of rows that just read text, whole prompts of
+    rows that just joined), then the host advances every row's word-level state."""
 
-    def __init__(self, engine, base_prompts, nudger_prompts, config):
-        self.engine, self.config = engine, config
+    ITERATIONS_PER_ROUND = 8
+
+    def __init__(self, engine):
+        self.engine = engine
         self.device = engine.device
         self.loaded = {"base": engine.base, "nudger": engine.nudger}
         self.enc = {name: encoder_for(m) for name, m in self.loaded.items()}
-        self.base_stop, self.nudger_stop = stop_ids(engine, config)
-        self.sides = [Side("base", engine.base, [list(p) for p in base_prompts], []),
-                      Side("nudger", engine.nudger, [list(p) for p in nudger_prompts], [])]
-        self.sampler = sample if engine.backend.kind == "triton" else sample_ref
-        self.stats = {"forwards": {"base": 0, "nudger": 0}, "forward_tokens": {"base": 0, "nudger": 0}}
+        self.sampler = sample_rows if engine.backend.kind == "triton" else sample_rows_ref
+        self.rows: list[Row] = []
+
+    # ---- membership --------------------------------------------------------------------------
+    def attach(self, req, stops: tuple[frozenset, frozenset]) -> None:
+        tracks = {m: Track(ids=list(req.prompts[m]), n_prompt=len(req.prompts[m])) for m in ("base", "nudger")}
+        req.crossvocab_row = Row(req=req, seed=req.seed, tracks=tracks, base_stop=stops[0], nudger_stop=stops[1])
+
+    def admit(self, req) -> None:
+        self.rows.append(req.crossvocab_row)
+
+    def remove(self, req, keep_state: bool = False) -> None:
+        row = req.crossvocab_row
+        if row in self.rows:
+            self.rows.remove(row)
+        if keep_state:  # preempted: its pages go; it is prefilled again from its ids when it returns
+            for tr in row.tracks.values():
+                tr.cached = 0
+
+    def requests(self) -> list:
+        return [r.req for r in self.rows]
 
     # ---- text and ids --------------------------------------------------------------------
     def sync(self, row: Row, name: str) -> None:
@@ -247,11 +287,11 @@ class CrossVocabRun:
             row.by_nudger += 1
             row.span += 1
         row.phase = WRITE_N if who == "nudger" else WRITE_B
-        if row.emitted >= self.config.max_new_tokens:
+        if row.emitted >= row.config.max_new_tokens:
             self.finish(row, "length")
 
     def nudger_emits(self, row: Row, n: int) -> None:
-        if n in self.nudger_stop:
+        if n in row.nudger_stop:
             self.finish(row, "stop")
         else:
             self.emit(row, "nudger", n)
@@ -268,15 +308,15 @@ class CrossVocabRun:
                 self.nudger_emits(row, cand)
         elif row.phase == DECIDE_B:
             agree = agrees(base.token_text(cand), nudger.token_text(row.held_n))
-            if (confident or agree) and cand not in self.base_stop:
+            if (confident or agree) and cand not in row.base_stop:
                 row.mode = BASE
                 row.handovers += 1
                 self.emit(row, "base", cand)
             else:
                 self.nudger_emits(row, row.held_n)
         elif row.phase == WRITE_B:
-            boundary = base.word_start(cand) or cand in self.base_stop
-            if boundary and not (confident and cand not in self.base_stop):
+            boundary = base.word_start(cand) or cand in row.base_stop
+            if boundary and not (confident and cand not in row.base_stop):
                 self.append_text(row, "base")  # the nudger reads the base's words and writes here
                 row.mode, row.span, row.phase = NUDGE, 0, HANDOVER_N
                 row.handovers += 1
@@ -291,8 +331,21 @@ class CrossVocabRun:
             tr = row.tracks[who]
             if tr.flushed < len(tr.ids):
                 self.append_text(row, who)
+        row.completion = self.completion(row)
+        req = row.req
+        req.tokens, req.from_nudger = list(row.completion.token_ids), list(row.completion.from_nudger)
+        req.finish_reason = reason
 
     # ---- the device side -----------------------------------------------------------------
+    def ensure_pages(self, name: str, rows: list[Row]) -> list[Row]:
+        """Pages for every id of these rows (the scheduler may preempt younger requests, or one of
+        these rows); returns the rows still running."""
+        sched, pool = self.engine.scheduler, self.loaded[name].kv
+        for row in list(rows):
+            if row in self.rows:
+                sched.grow(row.req, {name: pool.pages_for(len(row.tracks[name].ids))}, self.engine._preempt)
+        return [r for r in rows if r in self.rows]
+
     def forward(self, name: str, rows: list[Row]) -> torch.Tensor:
         """One varlen forward of model `name` over every row's uncached ids; logits [R, V] at each
         row's last id."""
@@ -303,13 +356,12 @@ class CrossVocabRun:
             tr = row.tracks[name]
             if tr.cached >= len(tr.ids):  # nothing new (text that re-tokenized to the same ids)
                 tr.cached = len(tr.ids) - 1
-            need = pool.pages_for(len(tr.ids))
-            if len(tr.pages) < need:
-                tr.pages.extend(pool.allocator.allocate(need - len(tr.pages), what=f"{name} row {row.index}"))
             chunks.append(tr.ids[tr.cached:])
             starts.append(tr.cached)
-            tables.append(tr.pages)
+            tables.append(row.req.pages[name])
             tr.cached = len(tr.ids)
+            row.forwards[name] += 1
+            row.forward_tokens[name] += len(chunks[-1])
         lens = torch.tensor([len(c) for c in chunks], dtype=torch.int64)
         start = torch.tensor(starts, dtype=torch.int64)
         ids = torch.tensor([t for c in chunks for t in c], dtype=torch.int64, device=self.device)
@@ -317,10 +369,11 @@ class CrossVocabRun:
         cu = torch.zeros(len(rows) + 1, dtype=torch.int64)
         cu[1:] = torch.cumsum(lens, 0)
         positions = start[row_of_token] + torch.arange(int(cu[-1])) - cu[:-1][row_of_token]
-        table = block_table(tables, self.device)
+        width = max(len(p) for p in tables)
+        table = torch.tensor([p + [pool.scratch_page] * (width - len(p)) for p in tables], dtype=torch.int32)
+        slots = (table[row_of_token, positions // page].to(torch.int64) * page + positions % page).to(self.device)
+        table = table.to(self.device)
         positions = positions.to(self.device)
-        row_dev = row_of_token.to(self.device)
-        slots = table[row_dev, positions // page].to(torch.int64) * page + positions % page
         seq_lens = (start + lens).to(torch.int32).to(self.device)
         if int(lens.max()) == 1:
             meta = AttentionMetadata(slot_mapping=slots, block_tables=table, seq_lens=seq_lens, cu_q_lens=None)
@@ -329,58 +382,54 @@ class CrossVocabRun:
             meta = AttentionMetadata(slot_mapping=slots, block_tables=table, seq_lens=seq_lens,
                                      cu_q_lens=cu.to(torch.int32).to(self.device), max_q_len=int(lens.max()))
             last = (cu[1:] - 1).to(self.device)
-        self.stats["forwards"][name] += 1
-        self.stats["forward_tokens"][name] += int(cu[-1])
         return loaded.model.forward(ids, positions, meta, pool, logits_indices=last)
 
     def step(self, name: str, rows: list[Row]) -> None:
         """Forward `name` for these rows, draw its candidates, advance each row."""
-        cfg = self.config
         too_long = [r for r in rows if len(r.tracks[name].ids) > self.loaded[name].spec.max_position_embeddings]
         for r in too_long:  # the model's context is full: the answer ends here
             self.finish(r, "length")
         rows = [r for r in rows if r.finish is None]
+        rows = self.ensure_pages(name, rows)
         if not rows:
             return
         logits = self.forward(name, rows)
-        seeds = torch.tensor([r.seed for r in rows], dtype=torch.int64, device=self.device)
-        steps = torch.tensor([r.emitted for r in rows], dtype=torch.int32, device=self.device)
+        dev = self.device
+        cfgs = [r.config for r in rows]
+        seeds = torch.tensor([r.seed for r in rows], dtype=torch.int64, device=dev)
+        steps = torch.tensor([r.emitted for r in rows], dtype=torch.int32, device=dev)
+        inv_temp = torch.tensor([inverse_temperature(c.temperature) for c in cfgs], dtype=torch.float32, device=dev)
+        top_p = torch.tensor([float(c.top_p) for c in cfgs], dtype=torch.float32, device=dev)
+        modes = torch.tensor([sample_mode(c.temperature, c.top_p) for c in cfgs], dtype=torch.int32, device=dev)
         stream = 0 if name == "base" else 1
-        cands = self.sampler(logits, seeds, steps, stream, cfg.temperature, cfg.top_p).tolist()
+        cands = self.sampler(logits, seeds, steps, stream, inv_temp, top_p, modes).tolist()
         if name == "base":
             p_top, entropy = base_stats_ref(logits)
-            confident = (p_top >= cfg.threshold) if cfg.gate == "top_prob" else (entropy <= cfg.threshold)
-            confident = confident.tolist()
+            p_top, entropy = p_top.tolist(), entropy.tolist()
+            confident = [(p >= c.threshold) if c.gate == "top_prob" else (h <= c.threshold)
+                         for p, h, c in zip(p_top, entropy, cfgs)]
         else:
             confident = [False] * len(rows)
         for row, cand, conf in zip(rows, cands, confident):
             self.advance(row, int(cand), bool(conf))
 
-    def run(self):
-        cfg = self.config
-        seeds = row_seeds(cfg.seed, len(self.sides[0].prompts)).tolist()
-        reserve_pages(self.sides, cfg, slack_tokens(cfg.max_new_tokens))
-        try:
-            rows = []
-            for i, seed in enumerate(seeds):
-                tracks = {s.name: Track(ids=list(s.prompts[i]), n_prompt=len(s.prompts[i]), pages=s.pages[i])
-                          for s in self.sides}
-                rows.append(Row(index=i, seed=seed, tracks=tracks))
-            with torch.inference_mode():
-                while True:
-                    live = [r for r in rows if r.finish is None]
-                    if not live:
-                        break
-                    for name in ("nudger", "base"):  # a row the nudger hands on joins the base's group
-                        group = [r for r in rows if r.finish is None and NEEDS[r.phase] == name]
-                        if group:
-                            self.step(name, group)
-        finally:
-            release_pages(self.sides)
-        return [self.completion(r) for r in rows]
+    def run_round(self) -> list:
+        """A few iterations over the running rows; returns the requests that finished."""
+        ended = []
+        for _ in range(self.ITERATIONS_PER_ROUND):
+            if not self.rows:
+                break
+            for name in ("nudger", "base"):  # a row the nudger hands on joins the base's group
+                group = [r for r in self.rows if r.finish is None and NEEDS[r.phase] == name]
+                if group:
+                    self.step(name, group)
+            for r in [r for r in self.rows if r.finish is not None]:
+                self.rows.remove(r)
+                ended.append(r.req)
+        return ended
 
     def completion(self, row: Row):
-        from .api import Completion
+        from ..params import Completion
 
         spans = merge_spans(row.pieces)
         ends = [e for _, e, _ in spans]
@@ -393,48 +442,9 @@ class CrossVocabRun:
         stats = {"crossvocab": True, "spans": spans, "base_ids": row.tracks["base"].continuation(),
                  "nudger_ids": nudger.continuation(), "emitted_tokens": row.emitted,
                  "nudged_tokens": row.by_nudger, "handovers": row.handovers,
-                 "reencoded_chars": row.reencoded_chars,
-                 "forwards": dict(self.stats["forwards"]), "forward_tokens": dict(self.stats["forward_tokens"])}
+                 "reencoded_chars": row.reencoded_chars, "prompt_tokens": row.req.prompt_tokens(),
+                 "preemptions": row.req.preemptions,
+                 "forwards": dict(row.forwards), "forward_tokens": dict(row.forward_tokens)}
         return Completion(text=row.text, token_ids=nudger.continuation(),
                           from_nudger=[from_nudger(c) for c in nudger.starts], finish_reason=row.finish,
                           stats=stats)
-
-
-def check_config(config) -> None:
-    if config.mode != "nudging":
-        raise ValueError(f"cross-vocabulary decoding is for mode='nudging' (got {config.mode!r}); "
-                         "the baselines use one model and its own vocabulary")
-    if config.granularity != "word":
-        raise ValueError("granularity='token' needs a shared vocabulary; with different tokenizers "
-                         "nudging runs on words (granularity='word')")
-    if config.speculate:
-        raise ValueError(f"speculate={config.speculate} needs a shared vocabulary (the nudger drafts the base "
-                         "model's tokens); use speculate=0 with different tokenizers")
-
-
-def generate_ids(engine, base_prompts: list[list[int]], nudger_prompts: list[list[int]], config) -> list:
-    """Cross-vocabulary nudging from prompt ids (each in its model's vocabulary, taken as given);
-    the answer is text. Returns one Completion per row (see the module docstring)."""
-    check_config(config)
-    for name in ("base", "nudger"):
-        m = getattr(engine, name)
-        if m is None:
-            raise ValueError(f"cross-vocabulary nudging needs a {name} model; the engine was built without one")
-        if m.tokenizer is None:
-            raise ValueError(f"cross-vocabulary nudging needs the {name} model's tokenizer.json ({m.dir})")
-    for name, prompts in (("base", base_prompts), ("nudger", nudger_prompts)):
-        m = getattr(engine, name)
-        validate_prompts(name, prompts, m.spec.vocab_size, m.spec.max_position_embeddings, config.max_new_tokens)
-    if len(base_prompts) != len(nudger_prompts):
-        raise ValueError(f"base_prompts has {len(base_prompts)} rows but nudger_prompts has {len(nudger_prompts)}: "
-                         "row i of each must belong together")
-    return CrossVocabRun(engine, base_prompts, nudger_prompts, config).run()
-
-
-def generate(engine, questions: list[str], config, system_prompt: str = "", answer_prefix: str = "") -> list:
-    """Questions -> answers: each model gets its own prompt (prompts.py), then the shared text."""
-    from .prompts import build_prompts
-
-    check_config(config)
-    base_prompts, nudger_prompts = build_prompts(engine, questions, config, system_prompt, answer_prefix)
-    return generate_ids(engine, base_prompts, nudger_prompts, config)
