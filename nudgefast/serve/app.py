@@ -38,12 +38,7 @@ class ServerLimits:
 def default_async_engine(engine):
     import nudgefast as nf
 
-    cls = getattr(nf, "AsyncNudgingEngine", None)
-    if cls is not None:
-        return cls(engine)
-    from ._interim_engine import InterimAsyncEngine  # until the request-level engine lands
-
-    return InterimAsyncEngine(engine)
+    return nf.AsyncNudgingEngine(engine)
 
 
 class ServerState:
@@ -97,19 +92,6 @@ def _sides(mode: str) -> tuple[str, ...]:
     return {"nudging": ("base", "nudger"), "base_only": ("base",), "nudger_only": ("nudger",)}[mode]
 
 
-def _default_stop_ids(engine, sides) -> set[int]:
-    """DESIGN.md section 1: the EOS ids of the models in play and the nudger's end-of-turn token.
-    OpenAI's stop_token_ids add to these (they never replace the end of the answer)."""
-    ids: set[int] = set()
-    for s in sides:
-        ids.update(getattr(engine, s).eos_ids)
-    if "nudger" in sides and engine.nudger.tokenizer is not None:
-        eot = engine.nudger.tokenizer.end_of_turn_id()
-        if eot is not None:
-            ids.add(eot)
-    return ids
-
-
 def build_config(st: ServerState, params):
     import nudgefast as nf
 
@@ -126,8 +108,10 @@ def build_config(st: ServerState, params):
         if m.tokenizer is None:
             raise bad(f"the {side} model has no tokenizer.json: this server cannot take text", param="nudging.mode")
     if params.stop_token_ids:
+        # OpenAI's stop_token_ids add to the end-of-answer ids of DESIGN.md section 1 (the engine's
+        # own, for this mode); they never replace them.
         try:
-            cfg = dataclasses.replace(cfg, stop_token_ids=sorted(_default_stop_ids(st.engine, _sides(cfg.mode))
+            cfg = dataclasses.replace(cfg, stop_token_ids=sorted(set(st.engine.stop_ids_for(cfg))
                                                                  | set(params.stop_token_ids)))
         except ValueError as e:
             raise bad(str(e), param="stop_token_ids") from None
@@ -209,10 +193,10 @@ class EngineRun:
                                           config=self.req.config, request_id=self.rid)
         try:
             await self.step()
+        except (ValueError, TypeError, ConfigError) as e:  # RequestTooLarge (larger than the whole pool) too
+            raise bad(str(e)) from None
         except KVPoolExhausted as e:
             raise APIError(503, str(e), code="kv_cache_full") from None
-        except (ValueError, TypeError, ConfigError) as e:
-            raise bad(str(e)) from None
         m = self.st.metrics
         for k, v in self.prompt_tokens.items():
             m.prompt_tokens[k] += v
@@ -336,7 +320,8 @@ def _error_response(e: APIError) -> JSONResponse:
 def create_app(engine, *, model_name: str = "nudgefast", api_key: str | None = None,
                limits: ServerLimits | None = None, async_engine_factory=None) -> FastAPI:
     """The ASGI app over a loaded NudgingEngine. The AsyncNudgingEngine is made on the serving
-    event loop at start-up (async_engine_factory(engine), default nf.AsyncNudgingEngine)."""
+    event loop at start-up (async_engine_factory(engine), default nf.AsyncNudgingEngine; tests pass
+    stand-ins with the same surface)."""
     st = ServerState(engine, model_name, api_key, limits or ServerLimits(), async_engine_factory)
 
     from contextlib import asynccontextmanager
