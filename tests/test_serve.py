@@ -240,11 +240,17 @@ def test_load_with_disconnects_then_nothing_left_running(served):
 
     alone = [cl.chat.completions.create(**kw(s)).choices[0].message.content for s in specs]
 
+    def metrics():
+        return parse_prometheus(httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text)
+
+    aborted_before = metrics()["nudgefast_requests_aborted_total"]
+
     async def one(i, acl):
         spec = specs[i % len(specs)]
         leave = i % 3 == 0
         text, n = "", 0
-        stream = await acl.chat.completions.create(stream=True, **kw(spec))
+        # a client that leaves asks for a long answer: it is surely still being written when it goes
+        stream = await acl.chat.completions.create(stream=True, **{**kw(spec), **({"max_tokens": 150} if leave else {})})
         async for chunk in stream:
             n += 1
             if chunk.choices and chunk.choices[0].delta.content:
@@ -268,7 +274,7 @@ def test_load_with_disconnects_then_nothing_left_running(served):
         assert t == alone[i % len(specs)], f"client {i}"
     deadline = time.monotonic() + 20
     while True:  # aborted requests free their pages at the engine's next step: bounded wait
-        m = parse_prometheus(httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text)
+        m = metrics()
         idle = (m["nudgefast_requests_running"] == 0 and m["nudgefast_requests_pending"] == 0
                 and m['nudgefast_kv_pages_used{model="base"}'] == 0
                 and m['nudgefast_kv_pages_used{model="nudger"}'] == 0)
@@ -276,6 +282,8 @@ def test_load_with_disconnects_then_nothing_left_running(served):
             break
         time.sleep(0.1)
     assert idle, m
+    # every client that left was still being answered: the engine aborted each one
+    assert m["nudgefast_requests_aborted_total"] - aborted_before == 32 - len(stayed)
     assert m['nudgefast_kv_pages_total{model="base"}'] > 0
     assert m["nudgefast_time_to_first_token_seconds_count"] >= len(stayed)
     assert m["nudgefast_generation_tokens_total"] > 0
