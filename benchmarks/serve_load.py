@@ -22,6 +22,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -101,6 +102,12 @@ async def http_run(args, url):
         return summarize("http", results, time.perf_counter() - t0)
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start_server(args):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -109,14 +116,19 @@ def start_server(args):
     if args.base:
         cmd += ["--base", args.base, "--nudger", args.nudger]
     cmd += ["--weights", args.weights, "--device", args.device] + (["--dtype", args.dtype] if args.dtype else [])
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for opt in ("flag_interval", "max_running"):
+        if getattr(args, opt) is not None:
+            cmd += [f"--{opt.replace('_', '-')}", str(getattr(args, opt))]
+    # the server logs a line per request: to a file, never a pipe nobody reads (a full pipe blocks it)
+    log = tempfile.NamedTemporaryFile("w+", prefix="serve_load-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
     url = f"http://127.0.0.1:{port}"
     import httpx
 
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {proc.stderr.read()[-2000:]}")
+            raise RuntimeError(f"the server exited: {Path(log.name).read_text()[-2000:]}")
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                 return proc, url
@@ -174,6 +186,8 @@ def main(argv=None):
     p.add_argument("--base")
     p.add_argument("--nudger")
     p.add_argument("--weights", default="auto", choices=["auto", "dense", "gguf"])
+    p.add_argument("--flag-interval", type=int, default=None, help="engine decode steps per round (both sides)")
+    p.add_argument("--max-running", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None)
     p.add_argument("--mode", default="nudging", choices=["nudging", "base_only", "nudger_only"])
@@ -195,24 +209,35 @@ def main(argv=None):
         proc, url = start_server(args)
         try:
             asyncio.run(http_run(args, f"{url}"))  # warm-up pass (first-use conversions, allocator)
+            cpu0 = process_cpu_s(proc.pid)
             figures.append(asyncio.run(http_run(args, url)))
+            figures[-1]["cpu_s"] = process_cpu_s(proc.pid) - cpu0  # the server process, all threads
         finally:
             proc.terminate()
             proc.wait(30)
         from nudgefast.cli import _make_engine, _resolve_models
 
-        engine = _make_engine(args, *_resolve_models(args))
+        from nudgefast.serve.cli import engine_kwargs
+
+        args.kv_cache_tokens = None
+        engine = _make_engine(args, *_resolve_models(args), **engine_kwargs(args))
         asyncio.run(inproc_run(args, engine))  # warm-up
+        cpu0 = time.process_time()
         figures.append(asyncio.run(inproc_run(args, engine)))
+        figures[-1]["cpu_s"] = time.process_time() - cpu0
     for f in figures:
+        cpu = f" engine-side CPU {f['cpu_s'] / f['requests'] * 1e3:.1f} ms/request" if "cpu_s" in f else ""
         print(f"{f['name']:>10}: {f['requests_per_s']:.2f} req/s, {f['tokens_per_s']:.1f} tok/s, "
               f"TTFT p50 {f['ttft_p50_ms']:.0f} ms p99 {f['ttft_p99_ms']:.0f} ms, "
-              f"ITL p50 {f['itl_p50_ms']:.1f} ms p99 {f['itl_p99_ms']:.1f} ms ({f['requests']} requests)")
+              f"ITL p50 {f['itl_p50_ms']:.1f} ms p99 {f['itl_p99_ms']:.1f} ms ({f['requests']} requests){cpu}")
     report = {"config": {k: v for k, v in vars(args).items() if k != "api_key"}, "figures": figures,
               "cpu_count": os.cpu_count()}
     if len(figures) == 2:
         report["http_over_inprocess_throughput"] = figures[0]["requests_per_s"] / figures[1]["requests_per_s"]
-        print(f"HTTP / in-process throughput: {report['http_over_inprocess_throughput']:.3f}")
+        report["server_cpu_over_inprocess_cpu"] = figures[0]["cpu_s"] / figures[1]["cpu_s"]
+        print(f"HTTP / in-process throughput: {report['http_over_inprocess_throughput']:.3f}; CPU time of the "
+              f"server process / of the in-process run: {report['server_cpu_over_inprocess_cpu']:.3f} (the "
+              "server's own cost, less sensitive to the machine's load than wall-clock throughput)")
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
 

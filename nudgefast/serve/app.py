@@ -515,11 +515,16 @@ def _stream_error(e: BaseException) -> bytes:
 
 async def _chat_events(st: ServerState, rid: str, run: EngineRun, params):
     created, model = int(time.time()), st.model_name
-    yield sse(chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
+    first = sse(chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
     try:
         while True:
-            for text, nudged in run.choice.release():
-                yield sse(chat_chunk(rid, model, created, {"content": text}, nudged=nudged))
+            # one write per engine output: its pieces (one chunk per writer) go out together
+            out = b"".join(sse(chat_chunk(rid, model, created, {"content": text}, nudged=nudged))
+                           for text, nudged in run.choice.release())
+            if first:
+                out, first = first + out, b""
+            if out:
+                yield out
             if run.done:
                 break
             await run.step()
@@ -558,8 +563,10 @@ async def _completion_events(st: ServerState, rid: str, runs: list[EngineRun], p
                 yield SSE_DONE
                 return
             run = runs[i]
-            for text, nudged in run.choice.release():
-                yield sse(completion_chunk(rid, model, created, i, text, nudged=nudged))
+            out = b"".join(sse(completion_chunk(rid, model, created, i, text, nudged=nudged))
+                           for text, nudged in run.choice.release())
+            if out:
+                yield out
             if run.done and i in left:
                 left.discard(i)
                 yield sse(completion_chunk(rid, model, created, i, "", finish_reason=run.choice.finish_reason,

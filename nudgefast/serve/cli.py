@@ -18,6 +18,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default="auto", choices=["auto", "dense", "gguf"])
     p.add_argument("--max-running", type=int, default=None, help="requests decoded at once (engine default)")
     p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV pool size per model, in tokens")
+    p.add_argument("--flag-interval", type=int, default=None,
+                   help="decode steps per engine round (engine default 16): a stream receives its tokens "
+                        "in groups of up to this many; smaller streams more smoothly, larger batches more work")
     p.add_argument("--max-tokens-default", type=int, default=None,
                    help="max_tokens when a request gives none (default: the engine's, capped by the context)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
@@ -31,6 +34,8 @@ def engine_kwargs(args) -> dict:
         kw["kv_cache_tokens"] = args.kv_cache_tokens
     if args.max_running is not None:
         kw["max_running"] = args.max_running
+    if args.flag_interval is not None:
+        kw["flag_interval"] = args.flag_interval
     return kw
 
 
@@ -39,7 +44,8 @@ def check_args(args) -> None:
         v = getattr(args, name)
         if not 0 <= v <= 65535:
             raise ValueError(f"--port {v} must be in [0, 65535]")
-    for name in ("max_running", "kv_cache_tokens", "max_tokens_default", "max_body_bytes", "max_pending"):
+    for name in ("max_running", "kv_cache_tokens", "flag_interval", "max_tokens_default", "max_body_bytes",
+                 "max_pending"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ValueError(f"--{name.replace('_', '-')} {v} must be >= 1")
