@@ -118,7 +118,8 @@ class NudgingEngine:
     of the all-finished flag), cuda_graphs, sync_debug (CUDA: any host sync between two flag reads
     raises; used by the GPU tests), weights ("dense": model.safetensors; "gguf": on the CPU, every
     quantized linear weight is read from the blocks of the GGUF file the model was converted from,
-    ~5x fewer bytes per token for a Q4 file, same weight values: see blocks.py).
+    ~5x fewer bytes per token for a Q4 file, same weight values: see blocks.py; "gguf-q8": the same
+    blocks multiplied with activations quantized to int8 per block in decode, inexact, opt-in).
     """
 
     def __init__(self, base: str | Path | None = None, nudger: str | Path | None = None, device="cpu",
@@ -134,8 +135,8 @@ class NudgingEngine:
             raise ValueError(f"page_size={page_size} must be >= 1")
         if flag_interval < 1:
             raise ValueError(f"flag_interval={flag_interval} must be >= 1")
-        if weights not in ("dense", "gguf"):
-            raise ValueError(f"weights={weights!r}; expected 'dense' or 'gguf'")
+        if weights not in ("dense", "gguf", "gguf-q8"):
+            raise ValueError(f"weights={weights!r}; expected 'dense', 'gguf' or 'gguf-q8'")
         self.device = torch.device(device)
         self.backend = Backend.for_device(self.device, native)
         log.info("nudgefast: %s backend on %s", self.backend.kind, self.device)
@@ -144,7 +145,7 @@ class NudgingEngine:
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.sync_debug = sync_debug  # tests: raise on any host sync between two flag reads (CUDA)
         self.weights = weights
-        if weights == "gguf" and self.backend.kind == "torch":
+        if weights in ("gguf", "gguf-q8") and self.backend.kind == "torch":
             log.warning("nudgefast: weights='gguf' without the native ops dequantizes every weight at every step "
                         "(correct but slow): build the extension (pip install --no-build-isolation -e .) or use "
                         "weights='dense'")
