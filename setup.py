@@ -53,6 +53,8 @@ setup(
     extras_require={
         "triton": ["triton"],
         "gguf": ["gguf>=0.10", "tqdm"],
+        # the llama.cpp benchmark anchor (benchmarks/anchors/llamacpp.py); builds llama.cpp from source
+        "llamacpp": ["llama-cpp-python"],
         "test": [
             "pytest",
             "pytest-benchmark",

@@ -77,6 +77,49 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+LLAMACPP_NOTE = """nudgefast (`--weights gguf`: exact float32 arithmetic on the file's blocks; `gguf-q8`: activations
+quantized to int8 per block, as llama.cpp does) and llama.cpp (llama-cpp-python, built from source with
+its native CPU flags) decode the same GGUF file with the same prompt ids, greedy, at the same thread count,
+interleaved run by run in one process. Ratios are nudgefast over llama.cpp (above 1: nudgefast is faster):
+decode = tokens per second after the first token, prefill = time to the first token (inverted),
+end-to-end = tokens over the whole call, the median of the run-by-run ratios. Only
+ratios are stated: the machine was shared with other jobs while these ran, which moves absolute rates
+but affects both engines alike. llama.cpp quantizes the activations to 8 bits, so its greedy tokens may
+part from nudgefast's exact ones; "common prefix" is how many tokens agree from the start.
+"""
+
+
+def llamacpp_rows(results: list[tuple[str, dict]]) -> list[list[str]]:
+    """One row per case where both nudgefast and the llama.cpp anchor ran."""
+    rows = []
+    for name, data in results:
+        by_case = {}
+        for s in data["scenarios"]:
+            by_case.setdefault(s["case"], {})[s["engine"]] = s
+        dev, models = data["device"], data.get("models") or {}
+        kernels = ((dev.get("cpu") or {}).get("block_kernels") or {})
+        weights = models.get("weights", "dense")
+        for case, engines in by_case.items():
+            ours, theirs = engines.get("nudgefast"), engines.get("llamacpp")
+            if ours is None or theirs is None:
+                continue
+            cmp_ = theirs.get("comparison") or {}
+            check = theirs.get("anchor_check") or {}
+            decode = (ours["decode_tokens_per_s"] / theirs["decode_tokens_per_s"]
+                      if ours.get("decode_tokens_per_s") and theirs.get("decode_tokens_per_s") else None)
+            prefill = theirs["ttft_ms"] / ours["ttft_ms"] if ours.get("ttft_ms") and theirs.get("ttft_ms") else None
+            first = check.get("first_divergence")
+            prefix = f"{check.get('tokens_compared')}/{check.get('tokens_compared')}" if first is None else \
+                f"{first}/{check.get('tokens_compared')}"
+            model = Path(str(models.get("base") or "")).name or "-"
+            kernel = kernels.get("q8" if weights == "gguf-q8" else "exact", "-") if weights != "dense" else "-"
+            rows.append([name, _cell(dev["name"]), _commit(data), _cell(model), _cell(dev.get("torch_threads")),
+                         _cell(weights), _cell(kernel), _num(decode, "{:.2f}x"),
+                         _num(cmp_.get("speedup_median_of_paired"), "{:.2f}x"), _num(prefill, "{:.2f}x"),
+                         "yes" if check.get("equal") else "no", prefix, f"`{_cell(data['command'])}`"])
+    return rows
+
+
 def render(results: list[tuple[str, dict]]) -> str:
     common = ["File", "Device", "Commit", "Random weights", "nudgefast weights"]
     speedups, scenarios, machines = [], [], []
@@ -107,6 +150,13 @@ def render(results: list[tuple[str, dict]]) -> str:
                     _num(cmp_["speedup_ratio_of_medians"], "{:.2f}x"), _num(cmp_["speedup_median_of_paired"], "{:.2f}x"),
                     _num(cmp_.get("speedup_cpu_time"), "{:.2f}x"), "yes" if cmp_.get("equal_work") else "**no**", cmd])
     parts = [HEADER]
+    llama = llamacpp_rows(results)
+    if llama:
+        parts.append("## nudgefast against llama.cpp on the same GGUF file\n")
+        parts.append(LLAMACPP_NOTE)
+        parts.append(_table(["File", "Device", "Commit", "Model", "threads", "nudgefast weights", "block kernel",
+                             "decode ratio", "end-to-end ratio (paired runs)", "prefill ratio", "same tokens",
+                             "common prefix", "Command"], llama) + "\n")
     parts.append("## Speed-ups against the transformers anchors\n")
     parts.append(_table(common + ["Case", "Anchor", "nudgefast tok/s", "anchor tok/s", "speed-up (ratio of medians)",
                                   "speed-up (median of paired runs)", "speed-up (CPU time)", "same tokens", "Command"],

@@ -13,7 +13,8 @@ from ..blocks import BlockWeight
 from ..kv_cache import KVPool
 from ..model import Transformer
 from .presets import Models
-from .runners import AnchorRunner, NudgefastRunner, RunRecord, anchors_for, compare_outputs, make_prompts, percentiles
+from .runners import (AnchorRunner, NudgefastRunner, RunRecord, anchors_for, compare_outputs, cpu_anchors, make_prompts,
+                      percentiles)
 
 
 # ---- Bytes per step and the bandwidth bound ------------------------------------------------------
@@ -103,7 +104,7 @@ def case_runners(models: Models, cfg: NudgeConfig, base_prompts, nudger_prompts,
         stop_ids = resolve_stop_ids(models.engine, cfg, sides)
         word_start = word_start_table(models.engine, sides, cfg)
         runners += [AnchorRunner(n, models, cfg, base_prompts, nudger_prompts, stop_ids, word_start)
-                    for n in anchors_for(cfg)]
+                    for n in anchors_for(cfg) + cpu_anchors(models, cfg)]
     return runners
 
 

@@ -68,7 +68,7 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--native", choices=["auto", "on", "off"], default="auto", help="the C++ CPU ops")
-    p.add_argument("--weights", choices=["dense", "gguf"], default="dense",
+    p.add_argument("--weights", choices=["dense", "gguf", "gguf-q8"], default="dense",
                    help="gguf: CPU linears read the quantized blocks of the models' GGUF files (the anchors "
                         "always run transformers on the dense float32 conversion)")
     p.add_argument("--flag-interval", type=int, default=16)
@@ -111,7 +111,7 @@ def parse_args(argv):
         args.cases = list(dict.fromkeys(cases))
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
-    if args.weights == "gguf" and args.preset:
+    if args.weights != "dense" and args.preset:
         p.error("--weights gguf needs models converted from GGUF files, not a random-weight preset")
     return args
 

@@ -44,8 +44,26 @@ def device_info(device) -> dict:
                 if line.startswith("model name"):
                     name = line.split(":", 1)[1].strip()
                     break
-        info.update(name=f"{name} ({os.cpu_count()} logical CPUs)")
+        info.update(name=f"{name} ({os.cpu_count()} logical CPUs)", cpu=cpu_details())
     return info
+
+
+# the CPU flags the native kernels (block_linear) and llama.cpp choose their code paths by
+SIMD_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx_vnni",
+              "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def cpu_details() -> dict:
+    """The CPU's SIMD flags and the block_linear kernels nudgefast chose on it."""
+    flags: list[str] = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+                break
+    from ..blocks import kernel_info
+
+    return {"simd_flags": [f for f in SIMD_FLAGS if f in flags], "block_kernels": kernel_info()}
 
 
 def format_table(scenarios: list[dict]) -> str:
