@@ -56,7 +56,7 @@ struct Job {
   const float* x;         // [M, K]
   const uint8_t* codes;   // row n at codes + n * row_bytes
   const float* scale;     // [N, K / B]
-  const float* offset;    // [N, K / B]
+  const float* offset;    // [N, K / B], or nullptr: every offset is zero (Q8_0, Q5_0, Q6_K: not read)
   float* y;               // [M, N]
   int64_t M, N, K, row_bytes, blocks;
 };
@@ -83,7 +83,7 @@ NF_INLINE void row_dot(const Job& job, const float* xsum, int64_t n, int64_t m0)
   constexpr int V = B / 8;
   const uint8_t* row = job.codes + n * job.row_bytes;
   const float* scale = job.scale + n * job.blocks;
-  const float* offset = job.offset + n * job.blocks;
+  const float* offset = job.offset ? job.offset + n * job.blocks : nullptr;
   f32x8 acc[MC];
   float off[MC];
   for (int m = 0; m < MC; ++m) {
@@ -94,7 +94,7 @@ NF_INLINE void row_dot(const Job& job, const float* xsum, int64_t n, int64_t m0)
     f32x8 c[V];
     decode<BITS, B>(row, b, c);
     const f32x8 s = simd::splat(scale[b]);
-    const float o = offset[b];
+    const float o = offset ? offset[b] : 0.f;
     for (int m = 0; m < MC; ++m) {
       const float* xb = job.x + (m0 + m) * job.K + b * B;
       f32x8 p = c[0] * simd::load(xb);
@@ -123,7 +123,7 @@ void dequantize_rows(const Job& job, float* w, int64_t first, int64_t n0, int64_
     for (int64_t b = 0; b < job.blocks; ++b) {
       f32x8 c[B / 8];
       decode<BITS, B>(row, b, c);
-      const float s = job.scale[n * job.blocks + b], o = job.offset[n * job.blocks + b];
+      const float s = job.scale[n * job.blocks + b], o = job.offset ? job.offset[n * job.blocks + b] : 0.f;
       for (int j = 0; j < B / 8; ++j) simd::store(w + (n - first) * job.K + b * B + 8 * j, c[j] * s + o);
     }
   }
@@ -216,7 +216,7 @@ NF_AVX2 void row_dot_avx2(const Job& job, const float* xsum, int64_t n, int64_t 
     __m256 total = acc[0][m];
     for (int k = 1; k < CHAINS; ++k) total = _mm256_add_ps(total, acc[k][m]);
     // the offsets' part, sum over blocks of offset * sum(x), as one dot product per row of x
-    const float off = dot_avx2(job.offset + n * job.blocks, xsum + (m0 + m) * job.blocks, job.blocks);
+    const float off = job.offset ? dot_avx2(job.offset + n * job.blocks, xsum + (m0 + m) * job.blocks, job.blocks) : 0.f;
     job.y[(m0 + m) * job.N + n] = hsum_avx2(total) + off;
   }
 }
@@ -241,7 +241,7 @@ __attribute__((target("avx2,fma"))) void dequantize_avx2(const Job& job, float* 
       __m256 c[B / 8];
       decode_avx2<BITS, B>(row, b, c);
       const __m256 s = _mm256_broadcast_ss(job.scale + n * job.blocks + b);
-      const __m256 o = _mm256_broadcast_ss(job.offset + n * job.blocks + b);
+      const __m256 o = _mm256_set1_ps(job.offset ? job.offset[n * job.blocks + b] : 0.f);
       for (int j = 0; j < B / 8; ++j) _mm256_storeu_ps(w + (n - first) * job.K + b * B + 8 * j, _mm256_fmadd_ps(c[j], s, o));
     }
   }
@@ -313,10 +313,10 @@ NF_AVX512 void tile_avx512(const Job& job, const float* xsum, int64_t n, int64_t
   }
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
-    const float* offset = job.offset + (n + r) * job.blocks;
+    const float* offset = job.offset ? job.offset + (n + r) * job.blocks : nullptr;
 #pragma GCC unroll 8
     for (int m = 0; m < MC; ++m) {
-      const float off = dot_avx512(offset, xsum + (m0 + m) * job.blocks, job.blocks);
+      const float off = offset ? dot_avx512(offset, xsum + (m0 + m) * job.blocks, job.blocks) : 0.f;
       job.y[(m0 + m) * job.N + n + r] = _mm512_reduce_add_ps(acc[r][m]) + off;
     }
   }
@@ -363,7 +363,7 @@ __attribute__((target(NF_AVX512_TARGET))) void dequantize_avx512(const Job& job,
       __m512 c[B / 16];
       decode_avx512<BITS, B>(row, b, c);
       const __m512 s = _mm512_set1_ps(job.scale[n * job.blocks + b]);
-      const __m512 o = _mm512_set1_ps(job.offset[n * job.blocks + b]);
+      const __m512 o = _mm512_set1_ps(job.offset ? job.offset[n * job.blocks + b] : 0.f);
       for (int j = 0; j < B / 16; ++j) _mm512_storeu_ps(w + (n - first) * job.K + b * B + 16 * j, _mm512_fmadd_ps(c[j], s, o));
     }
   }
@@ -435,7 +435,7 @@ NF_VNNI void tile_q8_vnni(const Job& job, const int8_t* xq, const float* dx, con
   }
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
-    const float off = dot_avx512(job.offset + (n + r) * job.blocks, xsum, job.blocks);
+    const float off = job.offset ? dot_avx512(job.offset + (n + r) * job.blocks, xsum, job.blocks) : 0.f;
     job.y[m * job.N + n + r] = hsum_avx2(acc[r]) + tail[r] + off;
   }
 }
@@ -604,7 +604,7 @@ void rows_q8(const Job& job, const int8_t* xq, const float* dx, const float* xsu
           for (int j = 0; j < B; ++j) dot += c[j] * xb[j];
         }
         sum += static_cast<float>(dot) * (job.scale[n * job.blocks + b] * dx[m * job.blocks + b]) +
-               job.offset[n * job.blocks + b] * xsum[m * job.blocks + b];
+               (job.offset ? job.offset[n * job.blocks + b] * xsum[m * job.blocks + b] : 0.f);
       }
       job.y[m * job.N + n] = sum;
     }
@@ -635,9 +635,11 @@ Checked check_args(const char* op, const at::Tensor& x_in, const at::Tensor& cod
                     op, ": unsupported layout bits=", bits, " block=", block, " (4/32, 8/32 or 8/16)");
   TORCH_CHECK_TYPE(x_in.scalar_type() == at::kFloat && x_in.dim() == 2,
                    op, ": x must be float32 [M, K], got ", x_in.scalar_type(), " ", x_in.sizes());
+  // offset [N, 0]: every offset is zero, and none is read (a quarter of a Q8_0 weight's bytes)
+  const bool no_offset = offset.dim() == 2 && offset.size(1) == 0 && scale.dim() == 2 && offset.size(0) == scale.size(0);
   TORCH_CHECK_TYPE(scale.scalar_type() == at::kFloat && offset.scalar_type() == at::kFloat &&
-                       scale.dim() == 2 && scale.sizes() == offset.sizes(),
-                   op, ": scale and offset must be float32 [N, K / block] of one shape, got ",
+                       scale.dim() == 2 && (scale.sizes() == offset.sizes() || no_offset),
+                   op, ": scale and offset must be float32 [N, K / block] of one shape (or offset [N, 0]: none), got ",
                    scale.scalar_type(), " ", scale.sizes(), " and ", offset.scalar_type(), " ", offset.sizes());
   const int64_t M = x_in.size(0), N = scale.size(0), blocks = scale.size(1), K = blocks * block;
   TORCH_CHECK_VALUE(x_in.size(1) == K, op, ": x has ", x_in.size(1), " columns, the weight ", K);
@@ -654,7 +656,8 @@ Checked check_args(const char* op, const at::Tensor& x_in, const at::Tensor& cod
   Checked c{x_in.contiguous(), codes.contiguous(), scale.contiguous(), offset.contiguous(), at::Tensor(), Job{}};
   c.y = at::empty({M, N}, c.x.options());
   c.job = Job{c.x.const_data_ptr<float>(), static_cast<const uint8_t*>(c.codes.const_data_ptr()),
-              c.scale.const_data_ptr<float>(), c.offset.const_data_ptr<float>(), c.y.mutable_data_ptr<float>(),
+              c.scale.const_data_ptr<float>(), no_offset ? nullptr : c.offset.const_data_ptr<float>(),
+              c.y.mutable_data_ptr<float>(),
               M, N, K, row_bytes, blocks};
   return c;
 }
