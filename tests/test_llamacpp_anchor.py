@@ -26,7 +26,6 @@ class FakeLlama:
 
     def __init__(self, model_path, n_threads, n_threads_batch, n_ctx, **kw):
         self.args = dict(model_path=model_path, n_threads=n_threads, n_threads_batch=n_threads_batch, n_ctx=n_ctx)
-        self.scores = np.zeros((n_ctx, VOCAB), dtype=np.float32)
         self.n_tokens = 0
         self.fed = []
         FakeLlama.made.append(self)
@@ -38,16 +37,26 @@ class FakeLlama:
         self.n_tokens = 0
         self.fed = []
 
+    @property
+    def ctx(self):
+        return self
+
     def eval(self, tokens):
         self.fed.append(list(tokens))
         self.n_tokens += len(tokens)
-        self.scores[self.n_tokens - 1] = 0.0
-        self.scores[self.n_tokens - 1, (3 * tokens[-1] + 1) % VOCAB] = 1.0
+        self.logits = np.zeros(VOCAB, dtype=np.float32)  # llama.cpp's buffer: the last token's logits
+        self.logits[(3 * tokens[-1] + 1) % VOCAB] = 1.0
+
+
+def fake_get_logits_ith(ctx, i):
+    assert i == -1
+    return np.ctypeslib.as_ctypes(ctx.logits)
 
 
 @pytest.fixture
 def fake_llama(monkeypatch):
-    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=FakeLlama))
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=FakeLlama,
+                                                                        llama_get_logits_ith=fake_get_logits_ith))
     monkeypatch.setattr(llamacpp, "available", lambda: True)
     monkeypatch.setattr(llamacpp, "_MODELS", {})
     FakeLlama.made = []

@@ -3,7 +3,7 @@
 On a CPU, llama.cpp is what people run GGUF models with. This anchor gives it what nudgefast gets:
 the GGUF file the nudgefast model directory was converted from, the same thread count, the same
 prompt token ids (fed as ids: no BOS or template is added) and greedy decoding (the argmax of the
-logits after each token, read from llama.cpp's own logits buffer). llama.cpp multiplies quantized
+logits after each token, read in place from llama.cpp's output buffer). llama.cpp multiplies quantized
 weights by activations quantized to 8 bits, so its tokens may part from nudgefast's exact float32
 arithmetic after a while: nudgefast/bench/ reports where.
 
@@ -13,6 +13,7 @@ source); nothing in the test suite needs it. `available()` says whether it is in
 from __future__ import annotations
 
 import importlib.util
+import os
 import time
 
 from .common import AnchorResult, check_config, check_prompt
@@ -31,9 +32,27 @@ def load(gguf_path, threads: int, n_ctx: int):
         if not available():
             raise ImportError("the llama.cpp anchor needs llama-cpp-python (pip install -e .[llamacpp])")
         import llama_cpp
+        import llama_cpp.llama_cpp as low
 
-        _MODELS[key] = llama_cpp.Llama(model_path=str(gguf_path), n_threads=threads, n_threads_batch=threads,
-                                       n_ctx=n_ctx, n_batch=512, logits_all=False, verbose=False)
+        kw = dict(model_path=str(gguf_path), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, n_batch=512,
+                  logits_all=False, verbose=False)
+        if os.environ.get("NUDGEFAST_LLAMACPP_EXTRA_BUFTS") == "0":
+            # llama.cpp's extra weight buffers (AMX, repacked layouts) off: a build with AMX kernels
+            # crashes on CPUs or VMs that report AMX without granting it; scripts/install_llamacpp.sh
+            # builds without AMX instead, which keeps the repacked layouts
+            default = low.llama_model_default_params
+
+            def without_extra_bufts():
+                params = default()
+                params.use_extra_bufts = False
+                return params
+            low.llama_model_default_params = without_extra_bufts
+            try:
+                _MODELS[key] = llama_cpp.Llama(**kw)
+            finally:
+                low.llama_model_default_params = default
+        else:
+            _MODELS[key] = llama_cpp.Llama(**kw)
     return _MODELS[key]
 
 
@@ -55,7 +74,7 @@ def llamacpp_generate(gguf_path, prompt: list[int], config, stop_ids: set[int], 
     llm.reset()  # the next eval drops the KV cache from position 0
     llm.eval(prompt)
     while len(result.token_ids) < config.max_new_tokens:
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = int(np.argmax(last_logits(llm, n_vocab)))
         if token in stop_ids:
             result.finish_reason = "stop"
             break
@@ -63,6 +82,15 @@ def llamacpp_generate(gguf_path, prompt: list[int], config, stop_ids: set[int], 
         if len(result.token_ids) < config.max_new_tokens:
             llm.eval([token])
     return result
+
+
+def last_logits(llm, n_vocab: int):
+    """The logits after the last evaluated token, read in place from llama.cpp's output buffer (the
+    Llama object keeps no copy unless every position's logits are kept, logits_all=True)."""
+    import llama_cpp
+    import numpy as np
+
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
 
 
 def agreement(ours: list[int], theirs: list[int]) -> dict:

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-ENV_KEYS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUDGEFAST_NATIVE", "TRITON_INTERPRET")  # recorded with the command
+ENV_KEYS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUDGEFAST_NATIVE", "TRITON_INTERPRET",  # recorded with the command
+            "NUDGEFAST_BLOCK_KERNEL", "NUDGEFAST_LLAMACPP_EXTRA_BUFTS")
 
 
 # ---- Environment, output -------------------------------------------------------------------------
