@@ -32,7 +32,6 @@ def load(gguf_path, threads: int, n_ctx: int):
         if not available():
             raise ImportError("the llama.cpp anchor needs llama-cpp-python (pip install -e .[llamacpp])")
         import llama_cpp
-        import llama_cpp.llama_cpp as low
 
         kw = dict(model_path=str(gguf_path), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, n_batch=512,
                   logits_all=False, verbose=False)
@@ -40,6 +39,8 @@ def load(gguf_path, threads: int, n_ctx: int):
             # llama.cpp's extra weight buffers (AMX, repacked layouts) off: a build with AMX kernels
             # crashes on CPUs or VMs that report AMX without granting it; scripts/install_llamacpp.sh
             # builds without AMX instead, which keeps the repacked layouts
+            import llama_cpp.llama_cpp as low
+
             default = low.llama_model_default_params
 
             def without_extra_bufts():
