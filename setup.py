@@ -54,7 +54,7 @@ setup(
         "triton": ["triton"],
         "gguf": ["gguf>=0.10", "tqdm"],
         # the llama.cpp benchmark anchor (benchmarks/anchors/llamacpp.py); builds llama.cpp from source
-        "llamacpp": ["llama-cpp-python"],
+        "llamacpp": ["llama-cpp-python"],  # scripts/install_llamacpp.sh picks the build flags
         "test": [
             "pytest",
             "pytest-benchmark",
