@@ -88,9 +88,12 @@ def main(argv=None) -> int:
             continue  # the same portable q8 kernel again
         print(f"{r['shape']:16} {r['m']:>2} {r['threads']:>3} {r['op']:16} {r['kernel']:12} {r['gweights_per_s']:11.2f}")
     if args.out:
-        from nudgefast.bench.report import device_info
+        from pathlib import Path
+
+        from nudgefast.bench.report import device_info, git_info
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump({"command": "benchmarks/block_kernels.py " + " ".join(argv or sys.argv[1:]),
+            json.dump({"command": "benchmarks/block_kernels.py " + " ".join(argv or sys.argv[1:]), "git": git_info(),
                        "device": device_info("cpu"), "rows": rows}, f, indent=1)
     return 0
 

@@ -120,7 +120,38 @@ def llamacpp_rows(results: list[tuple[str, dict]]) -> list[list[str]]:
     return rows
 
 
-def render(results: list[tuple[str, dict]]) -> str:
+def kernel_sections(folder: Path) -> list[str]:
+    """benchmarks/results/kernels/: block_kernels.py (block_linear kernels side by side) and
+    q8_agreement.py (gguf-q8 tokens against the exact path) outputs, when present."""
+    parts = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        data = json.loads(path.read_text())
+        rows = data.get("rows") or []
+        dev = data.get("device") or {}
+        where = f"`{_cell(data.get('command'))}` on {_cell(dev.get('name'))}, commit {_commit(data)}"
+        if rows and "gweights_per_s" in rows[0]:
+            parts.append(f"\n## block_linear kernels ({path.name})\n")
+            parts.append(f"{where}. Weights per second (N x K x M over the time of one call, best of 3 "
+                         "batches, median over rounds), every kernel in its own process, interleaved; the "
+                         "machine was shared, so compare within this table only. Small shapes stay in the "
+                         "L2 cache (compute speed); the output heads stream from memory.\n")
+            parts.append(_table(["shape", "M", "threads", "op", "kernel", "G weights/s"],
+                                [[r["shape"], str(r["m"]), str(r["threads"]), r["op"], r["kernel"],
+                                  _num(r["gweights_per_s"], "{:.2f}")] for r in rows
+                                 if not (r["op"] == "block_linear_q8" and r["kernel"] == "portable"
+                                         and r.get("forced") != "portable")]))
+        elif rows and "common_prefix" in rows[0]:
+            parts.append(f"\n## gguf-q8 against the exact gguf path ({path.name})\n")
+            parts.append(f"{where}. Greedy base-only tokens of `weights=\"gguf-q8\"` (int8 activations) "
+                         "against `weights=\"gguf\"` (exact) on the same prompt.\n")
+            parts.append(_table(["model", "prompt", "prompt tokens", "common prefix", "equal positions"],
+                                [[r["model"], r["prompt"], str(r["prompt_tokens"]),
+                                  f"{r['common_prefix']}/{r['tokens']}", _num(r["equal_positions"], "{:.0%}")]
+                                 for r in rows]))
+    return parts
+
+
+def render(results: list[tuple[str, dict]], results_dir: Path | None = None) -> str:
     common = ["File", "Device", "Commit", "Random weights", "nudgefast weights"]
     speedups, scenarios, machines = [], [], []
     for name, data in results:
@@ -166,6 +197,7 @@ def render(results: list[tuple[str, dict]]) -> str:
     parts.append(_table(common + ["Engine", "Case", "tok/s (aggregate)", "tok/s per sequence", "ms/token p50/p90/p99",
                                   "TTFT ms", "host syncs/token", "nudged", "acceptance", "bound", "Command"], scenarios)
                  if scenarios else "_No result files._")
+    parts += kernel_sections(Path(results_dir) / "kernels") if results_dir else []
     parts.append("\n## Machines and models\n")
     parts.append(_table(["File", "Device", "Commit", "torch", "triton", "threads", "copy GB/s", "models", "note"], machines)
                  if machines else "_No result files._")
@@ -178,7 +210,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(HERE / "RESULTS.md"))
     p.add_argument("--check", action="store_true", help="exit 1 if --out differs from what would be written")
     args = p.parse_args(argv)
-    text = render(load_results(Path(args.results)))
+    text = render(load_results(Path(args.results)), Path(args.results))
     out = Path(args.out)
     if args.check:
         current = out.read_text() if out.is_file() else ""
