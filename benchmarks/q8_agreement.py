@@ -3,8 +3,8 @@ weights="gguf" path, greedy, base-only, on the real offline models.
 
     .venv/bin/python benchmarks/q8_agreement.py [--new-tokens 128] [--out benchmarks/results/kernels/q8-agreement.json]
 
-Prompts: the `nudgefast bench` prompt (passage + question, 128 tokens) and each QUESTIONS entry in
-the model's chat template. Reported per model and prompt: the common prefix (tokens equal from
+Prompts: the `nudgefast bench` passage and first question (about 128 tokens), and the first
+--chat-prompts bench questions in the model's chat template. Reported per model and prompt: the common prefix (tokens equal from
 the start) and the share of equal positions. Greedy decoding amplifies one flipped argmax into a
 different continuation, so the common prefix is the figure that matters.
 """
@@ -22,6 +22,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--chat-prompts", type=int, default=2, help="how many of the bench QUESTIONS to ask in chat form")
     p.add_argument("--out")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
         prompts = {"passage": tok.encode(PASSAGE * 2, add_special_tokens=True)[:112] +
                    tok.encode(f"\n{QUESTIONS[0]}\n", add_special_tokens=False)}
         if tok.chat_template:
-            for i, q in enumerate(QUESTIONS):
+            for i, q in enumerate(QUESTIONS[:args.chat_prompts]):
                 prompts[f"chat{i}"] = tok.encode(tok.render_chat(SYSTEM, q, ""), add_special_tokens=False)
         cfg = nf.NudgeConfig(mode="base_only", max_new_tokens=args.new_tokens, stop_token_ids=[])
         for label, ids in prompts.items():
