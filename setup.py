@@ -58,6 +58,8 @@ setup(
         "bench": ["transformers>=4.45", "accelerate", "matplotlib"],
         # `nudgefast serve`: the OpenAI-compatible HTTP server (the stack vLLM serves with)
         "serve": ["fastapi", "uvicorn"],
+        # the llama.cpp benchmark anchor (benchmarks/anchors/llamacpp.py); builds llama.cpp from source
+        "llamacpp": ["llama-cpp-python"],  # scripts/install_llamacpp.sh picks the build flags
         "test": [
             "pytest",
             "pytest-benchmark",

@@ -123,7 +123,81 @@ def _cpu(dev: dict) -> str:
     return _cell(f"{dev['name']}; {cpu.get('vendor', '?')} family/model/stepping {ident}; {isa or 'no AVX2'}")
 
 
-def render(results: list[tuple[str, dict]], plots_dir: Path | None = None) -> str:
+LLAMACPP_NOTE = """nudgefast (`--weights gguf`: exact float32 arithmetic on the file's blocks; `gguf-q8`: activations
+quantized to int8 per block, as llama.cpp does) and llama.cpp (llama-cpp-python, built from source with
+its native CPU flags) decode the same GGUF file with the same prompt ids, greedy, at the same thread count,
+interleaved run by run in one process. Ratios are nudgefast over llama.cpp (above 1: nudgefast is faster):
+decode = tokens per second after the first token, prefill = time to the first token (inverted),
+end-to-end = tokens over the whole call, the median of the run-by-run ratios. Only
+ratios are stated: the machine was shared with other jobs while these ran, which moves absolute rates
+but affects both engines alike. llama.cpp quantizes the activations to 8 bits, so its greedy tokens may
+part from nudgefast's exact ones; "common prefix" is how many tokens agree from the start.
+"""
+
+
+def llamacpp_rows(results: list[tuple[str, dict]]) -> list[list[str]]:
+    """One row per case where both nudgefast and the llama.cpp anchor ran."""
+    rows = []
+    for name, data in results:
+        by_case = {}
+        for s in data["scenarios"]:
+            by_case.setdefault(s["case"], {})[s["engine"]] = s
+        dev, models = data["device"], data.get("models") or {}
+        kernels = ((dev.get("cpu") or {}).get("block_kernels") or {})
+        weights = models.get("weights", "dense")
+        for case, engines in by_case.items():
+            ours, theirs = engines.get("nudgefast"), engines.get("llamacpp")
+            if ours is None or theirs is None:
+                continue
+            cmp_ = theirs.get("comparison") or {}
+            check = theirs.get("anchor_check") or {}
+            decode = (ours["decode_tokens_per_s"] / theirs["decode_tokens_per_s"]
+                      if ours.get("decode_tokens_per_s") and theirs.get("decode_tokens_per_s") else None)
+            prefill = theirs["ttft_ms"] / ours["ttft_ms"] if ours.get("ttft_ms") and theirs.get("ttft_ms") else None
+            first = check.get("first_divergence")
+            prefix = f"{check.get('tokens_compared')}/{check.get('tokens_compared')}" if first is None else \
+                f"{first}/{check.get('tokens_compared')}"
+            model = Path(str(models.get("base") or "")).name or "-"
+            kernel = kernels.get("q8" if weights == "gguf-q8" else "exact", "-") if weights != "dense" else "-"
+            rows.append([name, _cell(dev["name"]), _commit(data), _cell(model), _cell(dev.get("torch_threads")),
+                         _cell(weights), _cell(kernel), _num(decode, "{:.2f}x"),
+                         _num(cmp_.get("speedup_median_of_paired"), "{:.2f}x"), _num(prefill, "{:.2f}x"),
+                         "yes" if check.get("equal") else "no", prefix, f"`{_cell(data['command'])}`"])
+    return rows
+
+
+def kernel_sections(folder: Path) -> list[str]:
+    """benchmarks/results/kernels/: block_kernels.py (block_linear kernels side by side) and
+    q8_agreement.py (gguf-q8 tokens against the exact path) outputs, when present."""
+    parts = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        data = json.loads(path.read_text())
+        rows = data.get("rows") or []
+        dev = data.get("device") or {}
+        where = f"`{_cell(data.get('command'))}` on {_cell(dev.get('name'))}, commit {_commit(data)}"
+        if rows and "gweights_per_s" in rows[0]:
+            parts.append(f"\n## block_linear kernels ({path.name})\n")
+            parts.append(f"{where}. Weights per second (N x K x M over the time of one call, best of 3 "
+                         "batches, median over rounds), every kernel in its own process, interleaved; the "
+                         "machine was shared, so compare within this table only. Small shapes stay in the "
+                         "L2 cache (compute speed); the output heads stream from memory.\n")
+            parts.append(_table(["shape", "M", "threads", "op", "kernel", "G weights/s"],
+                                [[r["shape"], str(r["m"]), str(r["threads"]), r["op"], r["kernel"],
+                                  _num(r["gweights_per_s"], "{:.2f}")] for r in rows
+                                 if not (r["op"] == "block_linear_q8" and r["kernel"] == "portable"
+                                         and r.get("forced") != "portable")]))
+        elif rows and "common_prefix" in rows[0]:
+            parts.append(f"\n## gguf-q8 against the exact gguf path ({path.name})\n")
+            parts.append(f"{where}. Greedy base-only tokens of `weights=\"gguf-q8\"` (int8 activations) "
+                         "against `weights=\"gguf\"` (exact) on the same prompt.\n")
+            parts.append(_table(["model", "prompt", "prompt tokens", "common prefix", "equal positions"],
+                                [[r["model"], r["prompt"], str(r["prompt_tokens"]),
+                                  f"{r['common_prefix']}/{r['tokens']}", _num(r["equal_positions"], "{:.0%}")]
+                                 for r in rows]))
+    return parts
+
+
+def render(results: list[tuple[str, dict]], plots_dir: Path | None = None, results_dir: Path | None = None) -> str:
     speedups, scenarios, runs = [], [], []
     for name, data in results:
         env, dev = data.get("environment") or {}, data["device"]
@@ -173,6 +247,13 @@ def render(results: list[tuple[str, dict]], plots_dir: Path | None = None) -> st
                 row += ["yes" if same else "**no**", _cell("; ".join(diffs) or "-")]
                 speedups.append(row)
     parts = [HEADER]
+    llama = llamacpp_rows(results)
+    if llama:
+        parts.append("## nudgefast against llama.cpp on the same GGUF file\n")
+        parts.append(LLAMACPP_NOTE)
+        parts.append(_table(["File", "Device", "Commit", "Model", "threads", "nudgefast weights", "block kernel",
+                             "decode ratio", "end-to-end ratio (paired runs)", "prefill ratio", "same tokens",
+                             "common prefix", "Command"], llama) + "\n")
     parts.append("## Speed-ups over the anchors (dense-vs-dense beside GGUF blocks, same run)\n")
     parts.append(_table(["File", "Commit", "Case", "Anchor", "Anchor reads", "Anchor tok/s",
                          "nudgefast reads", "nudgefast tok/s", "nudgefast speed-up",
@@ -189,6 +270,7 @@ def render(results: list[tuple[str, dict]], plots_dir: Path | None = None) -> st
     if plots:
         parts.append("\n## Plots (`nudgefast bench --plot`, the same runs)\n")
         parts.append("\n\n".join(plots))
+    parts += kernel_sections(Path(results_dir) / "kernels") if results_dir else []
     parts.append("\n## Runs: machine, software, models, command\n")
     parts.append(_table(["File", "Commit", "CPU / device", "Versions", "Native kernels (ISA)", "threads",
                          "read GB/s", "models", "GGUF quantization types", "one model in both roles",
@@ -203,7 +285,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(HERE / "RESULTS.md"))
     p.add_argument("--check", action="store_true", help="exit 1 if --out differs from what would be written")
     args = p.parse_args(argv)
-    text = render(load_results(Path(args.results)), plots_dir=Path(args.out).parent)
+    text = render(load_results(Path(args.results)), plots_dir=Path(args.out).parent, results_dir=Path(args.results))
     out = Path(args.out)
     if args.check:
         current = out.read_text() if out.is_file() else ""

@@ -10,7 +10,17 @@
 // (speculative verification, batched decode), and up to 16 rows take two passes over a weight row
 // still in L1; more rows (prefill) dequantize slabs of W and multiply with the BLAS, where the
 // decode is cheap next to the multiply. Output rows are split across the CPU threads.
+//
+// Kernels, chosen once per process by CPU features (NUDGEFAST_BLOCK_KERNEL forces one): portable
+// (GCC vector extensions, any CPU), avx2 (8 lanes), avx512 (16 lanes, several weight rows per pass).
+// All three compute the same float32 products; only the summation order differs.
+//
+// block_linear_q8 is the opt-in inexact variant (weights="gguf-q8"): x is quantized to int8 per
+// block of the weight's block size (one float scale each, as llama.cpp does), each block's dot
+// product is an integer sum (VNNI where the CPU has it) scaled once, and the offsets' part still
+// uses the exact block sums of x. Prefill (more than kDirectRows rows) stays exact.
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -19,6 +29,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
+#include <c10/util/StringUtil.h>
 
 #include "ops.h"
 #include "simd.h"
@@ -45,7 +56,7 @@ struct Job {
   const float* x;         // [M, K]
   const uint8_t* codes;   // row n at codes + n * row_bytes
   const float* scale;     // [N, K / B]
-  const float* offset;    // [N, K / B]
+  const float* offset;    // [N, K / B], or nullptr: every offset is zero (Q8_0, Q5_0, Q6_K: not read)
   float* y;               // [M, N]
   int64_t M, N, K, row_bytes, blocks;
 };
@@ -72,7 +83,7 @@ NF_INLINE void row_dot(const Job& job, const float* xsum, int64_t n, int64_t m0)
   constexpr int V = B / 8;
   const uint8_t* row = job.codes + n * job.row_bytes;
   const float* scale = job.scale + n * job.blocks;
-  const float* offset = job.offset + n * job.blocks;
+  const float* offset = job.offset ? job.offset + n * job.blocks : nullptr;
   f32x8 acc[MC];
   float off[MC];
   for (int m = 0; m < MC; ++m) {
@@ -83,7 +94,7 @@ NF_INLINE void row_dot(const Job& job, const float* xsum, int64_t n, int64_t m0)
     f32x8 c[V];
     decode<BITS, B>(row, b, c);
     const f32x8 s = simd::splat(scale[b]);
-    const float o = offset[b];
+    const float o = offset ? offset[b] : 0.f;
     for (int m = 0; m < MC; ++m) {
       const float* xb = job.x + (m0 + m) * job.K + b * B;
       f32x8 p = c[0] * simd::load(xb);
@@ -112,7 +123,7 @@ void dequantize_rows(const Job& job, float* w, int64_t first, int64_t n0, int64_
     for (int64_t b = 0; b < job.blocks; ++b) {
       f32x8 c[B / 8];
       decode<BITS, B>(row, b, c);
-      const float s = job.scale[n * job.blocks + b], o = job.offset[n * job.blocks + b];
+      const float s = job.scale[n * job.blocks + b], o = job.offset ? job.offset[n * job.blocks + b] : 0.f;
       for (int j = 0; j < B / 8; ++j) simd::store(w + (n - first) * job.K + b * B + 8 * j, c[j] * s + o);
     }
   }
@@ -205,7 +216,7 @@ NF_AVX2 void row_dot_avx2(const Job& job, const float* xsum, int64_t n, int64_t 
     __m256 total = acc[0][m];
     for (int k = 1; k < CHAINS; ++k) total = _mm256_add_ps(total, acc[k][m]);
     // the offsets' part, sum over blocks of offset * sum(x), as one dot product per row of x
-    const float off = dot_avx2(job.offset + n * job.blocks, xsum + (m0 + m) * job.blocks, job.blocks);
+    const float off = job.offset ? dot_avx2(job.offset + n * job.blocks, xsum + (m0 + m) * job.blocks, job.blocks) : 0.f;
     job.y[(m0 + m) * job.N + n] = hsum_avx2(total) + off;
   }
 }
@@ -221,7 +232,6 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const Job& job, const float* 
   }
 }
 
-// NUDGEFAST_PORTABLE_KERNELS=1 forces the portable kernel (its test runs it that way).
 template <int BITS, int B>
 __attribute__((target("avx2,fma"))) void dequantize_avx2(const Job& job, float* w, int64_t first, int64_t n0,
                                                          int64_t n1) {
@@ -231,31 +241,290 @@ __attribute__((target("avx2,fma"))) void dequantize_avx2(const Job& job, float* 
       __m256 c[B / 8];
       decode_avx2<BITS, B>(row, b, c);
       const __m256 s = _mm256_broadcast_ss(job.scale + n * job.blocks + b);
-      const __m256 o = _mm256_broadcast_ss(job.offset + n * job.blocks + b);
+      const __m256 o = _mm256_set1_ps(job.offset ? job.offset[n * job.blocks + b] : 0.f);
       for (int j = 0; j < B / 8; ++j) _mm256_storeu_ps(w + (n - first) * job.K + b * B + 8 * j, _mm256_fmadd_ps(c[j], s, o));
     }
   }
 }
 
-bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          std::getenv("NUDGEFAST_PORTABLE_KERNELS") == nullptr;
-  return yes;
-}
-#else
-bool has_avx2() { return false; }
-#endif
+// The AVX-512 kernel: the AVX2 kernel's arithmetic on 16 lanes, and register-tiled: R weight rows
+// share each load of x and give R independent accumulator chains (a single row's chain waits on
+// FMA latency). A 32-column block is two vectors: a 4-bit block's 16 bytes widen to 16 lanes in
+// one vpmovzxbd, whose low nibbles are columns 0-15 and high nibbles columns 16-31.
+#define NF_AVX512_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c"
+#define NF_AVX512 __attribute__((target(NF_AVX512_TARGET), always_inline)) inline
 
 template <int BITS, int B>
-void run_rows_for(const Job& job, int64_t n0, int64_t n1) {
+NF_AVX512 void decode_avx512(const uint8_t* row, int64_t b, __m512* c) {
+  if constexpr (BITS == 8) {
+#pragma GCC unroll 2
+    for (int j = 0; j < B / 16; ++j) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * B + 16 * j));
+      c[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v));
+    }
+  } else {
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 16)));
+    c[0] = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0F)));
+    c[1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+  }
+}
+
+NF_AVX512 float dot_avx512(const float* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  if (i < n) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (n - i)) - 1);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, a + i), _mm512_maskz_loadu_ps(tail, b + i), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// y[m0 .. m0 + MC, n .. n + R] from weight rows n .. n + R and rows m0 .. m0 + MC of x.
+template <int BITS, int B, int R, int MC>
+NF_AVX512 void tile_avx512(const Job& job, const float* xsum, int64_t n, int64_t m0) {
+  constexpr int V = B / 16;
+  const float* x = job.x + m0 * job.K;
+  __m512 acc[R][MC];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+    for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_setzero_ps();
+  }
+  for (int64_t b = 0; b < job.blocks; ++b) {
+    __m512 xv[MC][V];
+#pragma GCC unroll 8
+    for (int m = 0; m < MC; ++m) {
+#pragma GCC unroll 2
+      for (int j = 0; j < V; ++j) xv[m][j] = _mm512_loadu_ps(x + m * job.K + b * B + 16 * j);
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      __m512 c[V];
+      decode_avx512<BITS, B>(job.codes + (n + r) * job.row_bytes, b, c);
+      const __m512 s = _mm512_set1_ps(job.scale[(n + r) * job.blocks + b]);
+#pragma GCC unroll 8
+      for (int m = 0; m < MC; ++m) {
+        __m512 p = _mm512_mul_ps(c[0], xv[m][0]);
+        if constexpr (V == 2) p = _mm512_fmadd_ps(c[1], xv[m][1], p);
+        acc[r][m] = _mm512_fmadd_ps(s, p, acc[r][m]);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const float* offset = job.offset ? job.offset + (n + r) * job.blocks : nullptr;
+#pragma GCC unroll 8
+    for (int m = 0; m < MC; ++m) {
+      const float off = offset ? dot_avx512(offset, xsum + (m0 + m) * job.blocks, job.blocks) : 0.f;
+      job.y[(m0 + m) * job.N + n + r] = _mm512_reduce_add_ps(acc[r][m]) + off;
+    }
+  }
+}
+
+// Every row of x against weight rows n .. n + R, in passes of at most 8 accumulators (R * MC <= 8:
+// 8 accumulators plus the codes and x vectors stay within the 32 registers).
+template <int BITS, int B, int R>
+NF_AVX512 void mpass_avx512(const Job& job, const float* xsum, int64_t n) {
+  int64_t m = 0;
+  if constexpr (R == 1) {
+    for (; m + 8 <= job.M; m += 8) tile_avx512<BITS, B, 1, 8>(job, xsum, n, m);
+  }
+  if constexpr (R <= 2) {
+    for (; m + 4 <= job.M; m += 4) tile_avx512<BITS, B, R, 4>(job, xsum, n, m);
+  }
+  for (; m + 2 <= job.M; m += 2) tile_avx512<BITS, B, R, 2>(job, xsum, n, m);
+  for (; m < job.M; ++m) tile_avx512<BITS, B, R, 1>(job, xsum, n, m);
+}
+
+template <int BITS, int B, int R>
+__attribute__((target(NF_AVX512_TARGET))) void rows_tiled_avx512(const Job& job, const float* xsum, int64_t n0,
+                                                                 int64_t n1) {
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) mpass_avx512<BITS, B, R>(job, xsum, n);
+  for (; n < n1; ++n) mpass_avx512<BITS, B, 1>(job, xsum, n);
+}
+
+// Tiles by the number of rows of x: decode (1-2 rows) takes 4 weight rows per pass, verification
+// batches (3-4) 2, more rows 1 (their loads of x already amortize each decoded block).
+template <int BITS, int B>
+void rows_avx512(const Job& job, const float* xsum, int64_t n0, int64_t n1) {
+  if (job.M <= 2) return rows_tiled_avx512<BITS, B, 4>(job, xsum, n0, n1);
+  if (job.M <= 4) return rows_tiled_avx512<BITS, B, 2>(job, xsum, n0, n1);
+  rows_tiled_avx512<BITS, B, 1>(job, xsum, n0, n1);
+}
+
+template <int BITS, int B>
+__attribute__((target(NF_AVX512_TARGET))) void dequantize_avx512(const Job& job, float* w, int64_t first, int64_t n0,
+                                                                 int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = job.codes + n * job.row_bytes;
+    for (int64_t b = 0; b < job.blocks; ++b) {
+      __m512 c[B / 16];
+      decode_avx512<BITS, B>(row, b, c);
+      const __m512 s = _mm512_set1_ps(job.scale[n * job.blocks + b]);
+      const __m512 o = _mm512_set1_ps(job.offset ? job.offset[n * job.blocks + b] : 0.f);
+      for (int j = 0; j < B / 16; ++j) _mm512_storeu_ps(w + (n - first) * job.K + b * B + 16 * j, _mm512_fmadd_ps(c[j], s, o));
+    }
+  }
+}
+
+// ---- 8-bit activations (block_linear_q8), VNNI: vpdpbusd multiplies unsigned bytes by signed bytes
+// and adds groups of four into 32-bit lanes. A 32-column block is one 256-bit vector of codes times
+// one of quantized x; 4-bit codes are unsigned already; signed 8-bit codes go in as |code| with
+// their signs moved onto x (vpsignb), so no product overflows. The block's integer sum is then
+// scaled once: float(sum) * (scale * dx).
+#define NF_VNNI_TARGET NF_AVX512_TARGET
+#define NF_VNNI __attribute__((target(NF_VNNI_TARGET), always_inline)) inline
+
+template <int BITS>
+NF_VNNI __m256i dot32_vnni(const uint8_t* row, int64_t b, const int8_t* xq) {
+  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * 32));
+  if constexpr (BITS == 4) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 16));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m256i c = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), mask), _mm_and_si128(v, mask));
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), c, xv);
+  } else {
+    const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * 32));
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(c), _mm256_sign_epi8(xv, c));
+  }
+}
+
+// Weight rows n .. n + R against one quantized row of x (xq, dx: its per-block scales).
+template <int BITS, int B, int R>
+NF_VNNI void tile_q8_vnni(const Job& job, const int8_t* xq, const float* dx, const float* xsum, int64_t n,
+                          int64_t m) {
+  __m256 acc[R];
+  float tail[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    acc[r] = _mm256_setzero_ps();
+    tail[r] = 0.f;
+  }
+  const float* scale = job.scale + n * job.blocks;
+  if constexpr (B == 32) {
+    for (int64_t b = 0; b < job.blocks; ++b) {
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const __m256i d = dot32_vnni<BITS>(job.codes + (n + r) * job.row_bytes, b, xq);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(scale[r * job.blocks + b] * dx[b]), acc[r]);
+      }
+    }
+  } else {  // B == 16 (8-bit codes): two blocks per vector, lanes 0-3 and 4-7
+    int64_t b = 0;
+    for (; b + 2 <= job.blocks; b += 2) {
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const __m256i d = dot32_vnni<8>(job.codes + (n + r) * job.row_bytes + b * 16, 0, xq + b * 16);
+        const __m256 s = _mm256_set_m128(_mm_set1_ps(scale[r * job.blocks + b + 1] * dx[b + 1]),
+                                          _mm_set1_ps(scale[r * job.blocks + b] * dx[b]));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, acc[r]);
+      }
+    }
+    if (b < job.blocks) {  // an odd last block: 128 bits
+      const __m128i xv = _mm_loadu_si128(reinterpret_cast<const __m128i*>(xq + b * 16));
+      for (int r = 0; r < R; ++r) {
+        const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(job.codes + (n + r) * job.row_bytes + b * 16));
+        __m128i d = _mm_dpbusd_epi32(_mm_setzero_si128(), _mm_abs_epi8(c), _mm_sign_epi8(xv, c));
+        d = _mm_add_epi32(d, _mm_shuffle_epi32(d, 0x4E));
+        d = _mm_add_epi32(d, _mm_shuffle_epi32(d, 0xB1));
+        tail[r] = static_cast<float>(_mm_cvtsi128_si32(d)) * (scale[r * job.blocks + b] * dx[b]);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const float off = job.offset ? dot_avx512(job.offset + (n + r) * job.blocks, xsum, job.blocks) : 0.f;
+    job.y[m * job.N + n + r] = hsum_avx2(acc[r]) + tail[r] + off;
+  }
+}
+
+template <int BITS, int B>
+__attribute__((target(NF_VNNI_TARGET))) void rows_q8_vnni(const Job& job, const int8_t* xq, const float* dx,
+                                                          const float* xsum, int64_t n0, int64_t n1) {
+  for (int64_t m = 0; m < job.M; ++m) {
+    const int8_t* xqm = xq + m * job.K;
+    const float* dxm = dx + m * job.blocks;
+    const float* xsm = xsum + m * job.blocks;
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) tile_q8_vnni<BITS, B, 4>(job, xqm, dxm, xsm, n, m);
+    for (; n < n1; ++n) tile_q8_vnni<BITS, B, 1>(job, xqm, dxm, xsm, n, m);
+  }
+}
+
+bool cpu_has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+bool cpu_has_avx512() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && cpu_has_avx2();
+}
+bool cpu_has_vnni() { return cpu_has_avx512() && __builtin_cpu_supports("avx512vnni"); }
+#else
+bool cpu_has_avx2() { return false; }
+bool cpu_has_avx512() { return false; }
+bool cpu_has_vnni() { return false; }
+#endif
+
+// ---- Kernel choice, once per process --------------------------------------------------------------
+// Exact kernels: portable, avx2, avx512 (the best this CPU runs, unless NUDGEFAST_BLOCK_KERNEL names
+// one; NUDGEFAST_PORTABLE_KERNELS=1 still means portable). 8-bit-activation kernels: avx512vnni
+// where the exact choice is avx512 and the CPU has VNNI, else portable. Tests force each one in a
+// child process.
+enum class Kernel { kPortable, kAvx2, kAvx512 };
+
+std::vector<std::string> available_kernels() {
+  std::vector<std::string> out{"portable"};
+  if (cpu_has_avx2()) out.push_back("avx2");
+  if (cpu_has_avx512()) out.push_back("avx512");
+  if (cpu_has_vnni()) out.push_back("avx512vnni");
+  return out;
+}
+
+Kernel choose_kernel() {
+  const char* forced = std::getenv("NUDGEFAST_BLOCK_KERNEL");
+  const char* portable = std::getenv("NUDGEFAST_PORTABLE_KERNELS");
+  if ((forced == nullptr || *forced == '\0') && portable != nullptr && std::strcmp(portable, "1") == 0) {
+    return Kernel::kPortable;
+  }
+  if (forced == nullptr || *forced == '\0') {
+    return cpu_has_avx512() ? Kernel::kAvx512 : cpu_has_avx2() ? Kernel::kAvx2 : Kernel::kPortable;
+  }
+  const std::string name(forced);
+  if (name == "portable") return Kernel::kPortable;
+  TORCH_CHECK_VALUE(name == "avx2" || name == "avx512", "NUDGEFAST_BLOCK_KERNEL=", name,
+                    " is not a block_linear kernel (portable, avx2 or avx512)");
+  const bool ok = name == "avx2" ? cpu_has_avx2() : cpu_has_avx512();
+  TORCH_CHECK_VALUE(ok, "NUDGEFAST_BLOCK_KERNEL=", name, " but this CPU cannot run it (it runs: ",
+                    c10::Join(", ", available_kernels()), ")");
+  return name == "avx2" ? Kernel::kAvx2 : Kernel::kAvx512;
+}
+
+Kernel kernel() {
+  static const Kernel k = choose_kernel();
+  return k;
+}
+
+bool q8_vnni() { return kernel() == Kernel::kAvx512 && cpu_has_vnni(); }
+
+// ---- Dispatch ------------------------------------------------------------------------------------
+// Per-block sums of x [M, K] (the offsets' part): x is contiguous, block i of the flat array.
+template <int B>
+std::vector<float> block_sums(const Job& job) {
   std::vector<float> xsum(job.M * job.blocks);
-  for (int64_t i = 0; i < job.M * job.blocks; ++i) {  // x is [M, K] contiguous: block i of the flat array
+  for (int64_t i = 0; i < job.M * job.blocks; ++i) {
     float sum = 0.f;
     for (int j = 0; j < B; ++j) sum += job.x[i * B + j];
     xsum[i] = sum;
   }
+  return xsum;
+}
+
+template <int BITS, int B>
+void run_rows_for(const Job& job, int64_t n0, int64_t n1) {
+  const std::vector<float> xsum = block_sums<B>(job);
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (has_avx2()) return rows_avx2<BITS, B>(job, xsum.data(), n0, n1);
+  if (kernel() == Kernel::kAvx512) return rows_avx512<BITS, B>(job, xsum.data(), n0, n1);
+  if (kernel() == Kernel::kAvx2) return rows_avx2<BITS, B>(job, xsum.data(), n0, n1);
 #endif
   rows<BITS, B>(job, xsum.data(), n0, n1);
 }
@@ -273,7 +542,8 @@ void run_rows(const Job& job, int bits, int block, int64_t n0, int64_t n1) {
 template <int BITS, int B>
 void dequantize_for(const Job& job, float* w, int64_t first, int64_t n0, int64_t n1) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (has_avx2()) return dequantize_avx2<BITS, B>(job, w, first, n0, n1);
+  if (kernel() == Kernel::kAvx512) return dequantize_avx512<BITS, B>(job, w, first, n0, n1);
+  if (kernel() == Kernel::kAvx2) return dequantize_avx2<BITS, B>(job, w, first, n0, n1);
 #endif
   dequantize_rows<BITS, B>(job, w, first, n0, n1);
 }
@@ -289,61 +559,177 @@ void dequantize(const Job& job, int bits, int block, float* w, int64_t first, in
   }
 }
 
+// ---- 8-bit activations -----------------------------------------------------------------------------
+// Row m of x, block b of B columns: dx = amax / 127, xq = round-half-even(x * (127 / amax)) in
+// [-127, 127] (all zero, dx = 0, for an all-zero block). blocks.py quantize_activations_ref does the
+// same float32 operations, so both give the same integers.
+struct Quantized {
+  std::vector<int8_t> xq;  // [M, K]
+  std::vector<float> dx;   // [M, blocks]
+};
+
+Quantized quantize_activations(const Job& job, int block) {
+  Quantized q{std::vector<int8_t>(job.M * job.K), std::vector<float>(job.M * job.blocks)};
+  for (int64_t i = 0; i < job.M * job.blocks; ++i) {
+    const float* x = job.x + i * block;
+    float amax = 0.f;
+    for (int j = 0; j < block; ++j) amax = std::max(amax, std::fabs(x[j]));
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    q.dx[i] = amax / 127.f;
+    for (int j = 0; j < block; ++j) {
+      const float r = std::nearbyint(x[j] * inv);  // the default rounding mode: half to even
+      q.xq[i * block + j] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, r)));
+    }
+  }
+  return q;
+}
+
+// The portable 8-bit-activation kernel: integer block dots in plain C++.
+template <int BITS, int B>
+void rows_q8(const Job& job, const int8_t* xq, const float* dx, const float* xsum, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = job.codes + n * job.row_bytes;
+    for (int64_t m = 0; m < job.M; ++m) {
+      float sum = 0.f;
+      for (int64_t b = 0; b < job.blocks; ++b) {
+        const int8_t* xb = xq + m * job.K + b * B;
+        int32_t dot = 0;
+        if constexpr (BITS == 4) {
+          for (int j = 0; j < 16; ++j) {
+            const uint8_t v = row[b * 16 + j];
+            dot += (v & 0x0F) * xb[j] + (v >> 4) * xb[16 + j];
+          }
+        } else {
+          const int8_t* c = reinterpret_cast<const int8_t*>(row) + b * B;
+          for (int j = 0; j < B; ++j) dot += c[j] * xb[j];
+        }
+        sum += static_cast<float>(dot) * (job.scale[n * job.blocks + b] * dx[m * job.blocks + b]) +
+               (job.offset ? job.offset[n * job.blocks + b] * xsum[m * job.blocks + b] : 0.f);
+      }
+      job.y[m * job.N + n] = sum;
+    }
+  }
+}
+
+template <int BITS, int B>
+void run_rows_q8_for(const Job& job, const Quantized& q, const float* xsum, int64_t n0, int64_t n1) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (q8_vnni()) return rows_q8_vnni<BITS, B>(job, q.xq.data(), q.dx.data(), xsum, n0, n1);
+#endif
+  rows_q8<BITS, B>(job, q.xq.data(), q.dx.data(), xsum, n0, n1);
+}
+
 // Up to this many rows of x multiply straight from the codes; more (prefill) dequantize and use
 // the BLAS (measured on a 3072 x 576 4-bit weight, AVX2, one core: direct is ahead up to M = 16,
 // dequantize + BLAS from M = 24 on, 2.3 against 3.2 ms at M = 32).
 constexpr int64_t kDirectRows = 16;
 
-}  // namespace
+struct Checked {
+  at::Tensor x, codes, scale, offset, y;
+  Job job;
+};
 
-at::Tensor block_linear(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& scale,
-                        const at::Tensor& offset, int64_t bits, int64_t block) {
+Checked check_args(const char* op, const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& scale,
+                   const at::Tensor& offset, int64_t bits, int64_t block) {
   TORCH_CHECK_VALUE((bits == 4 && block == 32) || (bits == 8 && (block == 32 || block == 16)),
-                    "block_linear: unsupported layout bits=", bits, " block=", block,
-                    " (4/32, 8/32 or 8/16)");
+                    op, ": unsupported layout bits=", bits, " block=", block, " (4/32, 8/32 or 8/16)");
   TORCH_CHECK_TYPE(x_in.scalar_type() == at::kFloat && x_in.dim() == 2,
-                   "block_linear: x must be float32 [M, K], got ", x_in.scalar_type(), " ", x_in.sizes());
+                   op, ": x must be float32 [M, K], got ", x_in.scalar_type(), " ", x_in.sizes());
+  // offset [N, 0]: every offset is zero, and none is read (a quarter of a Q8_0 weight's bytes)
+  const bool no_offset = offset.dim() == 2 && offset.size(1) == 0 && scale.dim() == 2 && offset.size(0) == scale.size(0);
   TORCH_CHECK_TYPE(scale.scalar_type() == at::kFloat && offset.scalar_type() == at::kFloat &&
-                       scale.dim() == 2 && scale.sizes() == offset.sizes(),
-                   "block_linear: scale and offset must be float32 [N, K / block] of one shape, got ",
+                       scale.dim() == 2 && (scale.sizes() == offset.sizes() || no_offset),
+                   op, ": scale and offset must be float32 [N, K / block] of one shape (or offset [N, 0]: none), got ",
                    scale.scalar_type(), " ", scale.sizes(), " and ", offset.scalar_type(), " ", offset.sizes());
   const int64_t M = x_in.size(0), N = scale.size(0), blocks = scale.size(1), K = blocks * block;
-  TORCH_CHECK_VALUE(x_in.size(1) == K, "block_linear: x has ", x_in.size(1), " columns, the weight ", K);
+  TORCH_CHECK_VALUE(x_in.size(1) == K, op, ": x has ", x_in.size(1), " columns, the weight ", K);
   const auto code_type = bits == 4 ? at::kByte : at::kChar;
   const int64_t row_bytes = bits == 4 ? K / 2 : K;
   TORCH_CHECK_TYPE(codes.scalar_type() == code_type && codes.dim() == 2 && codes.size(0) == N &&
                        codes.size(1) == row_bytes,
-                   "block_linear: codes must be ", code_type, " [", N, ", ", row_bytes, "], got ",
+                   op, ": codes must be ", code_type, " [", N, ", ", row_bytes, "], got ",
                    codes.scalar_type(), " ", codes.sizes());
   for (const at::Tensor* t : {&x_in, &codes, &scale, &offset}) {
-    TORCH_CHECK_VALUE(t->device().is_cpu(), "block_linear (native CPU op): tensors must be on the CPU, got ",
+    TORCH_CHECK_VALUE(t->device().is_cpu(), op, " (native CPU op): tensors must be on the CPU, got ",
                       t->device());
   }
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor c = codes.contiguous(), s = scale.contiguous(), o = offset.contiguous();
-  at::Tensor y = at::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return y;
-  const Job job{x.const_data_ptr<float>(), static_cast<const uint8_t*>(c.const_data_ptr()),
-                s.const_data_ptr<float>(), o.const_data_ptr<float>(), y.mutable_data_ptr<float>(),
-                M, N, K, row_bytes, blocks};
-  // Chunks of at least ~64k weights, so a thread's share outweighs its start-up.
-  const int64_t grain = std::max<int64_t>(8, (1 << 16) / std::max<int64_t>(1, K));
-  const int b = static_cast<int>(bits), bl = static_cast<int>(block);
-  if (M <= kDirectRows) {
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { run_rows(job, b, bl, n0, n1); });
-    return y;
-  }
-  // Prefill: enough rows of x to make the weights' decode negligible next to the multiply, which
-  // the BLAS does better. Dequantize a slab of rows at a time (bounded memory), then one matmul each.
-  const int64_t slab = std::max<int64_t>(1, std::min<int64_t>(N, (int64_t{64} << 20) / (4 * K)));
-  at::Tensor w = at::empty({slab, K}, x.options());
-  for (int64_t s0 = 0; s0 < N; s0 += slab) {
-    const int64_t rows = std::min(slab, N - s0);
+  Checked c{x_in.contiguous(), codes.contiguous(), scale.contiguous(), offset.contiguous(), at::Tensor(), Job{}};
+  c.y = at::empty({M, N}, c.x.options());
+  c.job = Job{c.x.const_data_ptr<float>(), static_cast<const uint8_t*>(c.codes.const_data_ptr()),
+              c.scale.const_data_ptr<float>(), no_offset ? nullptr : c.offset.const_data_ptr<float>(),
+              c.y.mutable_data_ptr<float>(),
+              M, N, K, row_bytes, blocks};
+  return c;
+}
+
+// Chunks of at least ~64k weights, so a thread's share outweighs its start-up; a multiple of 4 rows
+// (the register tile).
+int64_t grain_rows(int64_t K) { return (std::max<int64_t>(8, (1 << 16) / std::max<int64_t>(1, K)) + 3) & ~int64_t{3}; }
+
+// Prefill: enough rows of x to make the weights' decode negligible next to the multiply, which
+// the BLAS does better. Dequantize a slab of rows at a time (bounded memory), then one matmul each.
+void prefill(const Checked& c, int b, int bl) {
+  const Job& job = c.job;
+  const int64_t grain = grain_rows(job.K);
+  const int64_t slab = std::max<int64_t>(1, std::min<int64_t>(job.N, (int64_t{64} << 20) / (4 * job.K)));
+  at::Tensor w = at::empty({slab, job.K}, c.x.options());
+  for (int64_t s0 = 0; s0 < job.N; s0 += slab) {
+    const int64_t rows = std::min(slab, job.N - s0);
     float* wp = w.mutable_data_ptr<float>();
     at::parallel_for(s0, s0 + rows, grain, [&](int64_t n0, int64_t n1) { dequantize(job, b, bl, wp, s0, n0, n1); });
-    y.narrow(1, s0, rows).copy_(at::mm(x, w.narrow(0, 0, rows).t()));
+    c.y.narrow(1, s0, rows).copy_(at::mm(c.x, w.narrow(0, 0, rows).t()));
   }
-  return y;
+}
+
+}  // namespace
+
+at::Tensor block_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                        const at::Tensor& offset, int64_t bits, int64_t block) {
+  const Checked c = check_args("block_linear", x, codes, scale, offset, bits, block);
+  const Job& job = c.job;
+  if (job.M == 0 || job.N == 0) return c.y;
+  kernel();  // a bad NUDGEFAST_BLOCK_KERNEL raises here, not inside a worker thread
+  const int b = static_cast<int>(bits), bl = static_cast<int>(block);
+  if (job.M <= kDirectRows) {
+    at::parallel_for(0, job.N, grain_rows(job.K), [&](int64_t n0, int64_t n1) { run_rows(job, b, bl, n0, n1); });
+  } else {
+    prefill(c, b, bl);
+  }
+  return c.y;
+}
+
+at::Tensor block_linear_q8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                           const at::Tensor& offset, int64_t bits, int64_t block) {
+  const Checked c = check_args("block_linear_q8", x, codes, scale, offset, bits, block);
+  const Job& job = c.job;
+  if (job.M == 0 || job.N == 0) return c.y;
+  kernel();
+  const int b = static_cast<int>(bits), bl = static_cast<int>(block);
+  if (job.M > kDirectRows) {  // prefill stays exact (blocks.py block_linear_q8_ref says the same)
+    prefill(c, b, bl);
+    return c.y;
+  }
+  const Quantized q = quantize_activations(job, bl);
+  const std::vector<float> xsum = bl == 32 ? block_sums<32>(job) : block_sums<16>(job);
+  at::parallel_for(0, job.N, grain_rows(job.K), [&](int64_t n0, int64_t n1) {
+    if (b == 4) {
+      run_rows_q8_for<4, 32>(job, q, xsum.data(), n0, n1);
+    } else if (bl == 32) {
+      run_rows_q8_for<8, 32>(job, q, xsum.data(), n0, n1);
+    } else {
+      run_rows_q8_for<8, 16>(job, q, xsum.data(), n0, n1);
+    }
+  });
+  return c.y;
+}
+
+std::vector<std::string> block_kernels() {
+  std::vector<std::string> out{"exact:", "q8:"};
+  const Kernel k = kernel();
+  out[0] += k == Kernel::kAvx512 ? "avx512" : k == Kernel::kAvx2 ? "avx2" : "portable";
+  out[1] += q8_vnni() ? "avx512vnni" : "portable";
+  for (const std::string& name : available_kernels()) out.push_back(name);
+  return out;
 }
 
 // Which instruction set each native kernel runs here (recorded with benchmark results): block_linear

@@ -35,6 +35,9 @@ TORCH_LIBRARY(nudgefast, m) {
   m.def("rng_noise(Tensor seed, Tensor step, int stream, int n) -> (Tensor, Tensor)");
   // block_linear.cpp: x float32 [M, K] @ W.T for W in quantized blocks (nudgefast/blocks.py BlockWeight).
   m.def("block_linear(Tensor x, Tensor codes, Tensor scale, Tensor offset, int bits, int block) -> Tensor");
+  // the same with x quantized to int8 per block (weights="gguf-q8"); the kernels chosen and available
+  m.def("block_linear_q8(Tensor x, Tensor codes, Tensor scale, Tensor offset, int bits, int block) -> Tensor");
+  m.def("block_kernels() -> str[]", &nudgefast::block_kernels);  // no tensors: a catch-all kernel
   // rms_norm.cpp: x float32 [..., n] / sqrt(mean(x^2) + eps) * weight [n] (weight optional).
   m.def("rms_norm(Tensor x, Tensor? weight, float eps) -> Tensor");
   // block_linear.cpp: the instruction set each kernel runs on this CPU (no tensors: a catch-all kernel).
@@ -49,6 +52,7 @@ TORCH_LIBRARY_IMPL(nudgefast, CPU, m) {
   m.impl("sample_rows", &nudgefast::sample_rows);
   m.impl("rng_noise", &nudgefast::rng_noise);
   m.impl("block_linear", &nudgefast::block_linear);
+  m.impl("block_linear_q8", &nudgefast::block_linear_q8);
   m.impl("rms_norm", &nudgefast::rms_norm);
 }
 

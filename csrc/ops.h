@@ -5,6 +5,7 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
 
@@ -44,6 +45,12 @@ void nudge_step(const std::optional<at::Tensor>& base_logits, const std::optiona
 // (nudgefast/blocks.py); bits 4 with block 32, or bits 8 with block 32 or 16. Returns [M, N].
 at::Tensor block_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                         const at::Tensor& offset, int64_t bits, int64_t block);
+// The same product with x quantized to int8 per block (integer block dots; not exact: see
+// blocks.py block_linear_q8_ref). Rows of x beyond 16 (prefill) are multiplied exactly.
+at::Tensor block_linear_q8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                           const at::Tensor& offset, int64_t bits, int64_t block);
+// The kernels block_linear runs here: {"exact:<chosen>", "q8:<chosen>", every kernel this CPU runs...}.
+std::vector<std::string> block_kernels();
 
 // rms_norm.cpp: x float32 [..., n] / sqrt(mean(x^2) + eps) * weight (float32 [n], optional).
 at::Tensor rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& weight, double eps);

@@ -77,7 +77,8 @@ class NudgingEngine(RequestEngine):
     (CUDA: any host sync inside a round raises; used by the GPU tests), weights ("dense":
     model.safetensors; "gguf": on the CPU, every quantized linear weight is read from the blocks of
     the GGUF file the model was converted from, ~5x fewer bytes per token for a Q4 file, same weight
-    values: see blocks.py).
+    values: see blocks.py; "gguf-q8": the same blocks multiplied with activations quantized to int8
+    per block in decode, inexact, opt-in).
     """
 
     def __init__(self, base=None, nudger=None, device="cpu", dtype: torch.dtype | str | None = None, *,
@@ -96,8 +97,8 @@ class NudgingEngine(RequestEngine):
             raise ValueError(f"page_size={page_size} must be >= 1")
         if type(flag_interval) is not int or flag_interval < 1:
             raise ValueError(f"flag_interval={flag_interval} must be >= 1")
-        if weights not in ("dense", "gguf"):
-            raise ValueError(f"weights={weights!r}; expected 'dense' or 'gguf'")
+        if weights not in ("dense", "gguf", "gguf-q8"):
+            raise ValueError(f"weights={weights!r}; expected 'dense', 'gguf' or 'gguf-q8'")
         self.device = torch.device(device)
         self.backend = Backend.for_device(self.device, native)
         log.info("nudgefast: %s backend on %s", self.backend.kind, self.device)
@@ -106,7 +107,7 @@ class NudgingEngine(RequestEngine):
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.sync_debug = sync_debug  # tests: raise on any host sync inside a decode round (CUDA)
         self.weights = weights
-        if weights == "gguf" and self.backend.kind == "torch":
+        if weights in ("gguf", "gguf-q8") and self.backend.kind == "torch":
             log.warning("nudgefast: weights='gguf' without the native ops dequantizes every weight at every step "
                         "(correct but slow): build the extension (pip install --no-build-isolation -e .) or use "
                         "weights='dense'")

@@ -39,6 +39,8 @@ class BlockWeight:
     offset: torch.Tensor  # float32 [N, K/block]
     bits: int
     block: int
+    # multiply with x quantized to int8 per block (weights="gguf-q8", block_linear_q8): inexact
+    act8: bool = False
 
     def __post_init__(self):
         n, nb = self.scale.shape
@@ -49,6 +51,9 @@ class BlockWeight:
         if tuple(self.codes.shape) != want or self.offset.shape != self.scale.shape:
             raise ValueError(f"block weight parts disagree: codes {tuple(self.codes.shape)}, scale "
                              f"{tuple(self.scale.shape)}, offset {tuple(self.offset.shape)}")
+        # what the native op reads as offsets: none ([N, 0]) where every offset is zero (Q8_0, Q5_0,
+        # Q6_K), which saves a quarter of an 8-bit weight's bytes per token; same values either way
+        self.kernel_offset = self.offset if bool(self.offset.ne(0).any()) else self.offset.new_empty(n, 0)
 
     @property
     def shape(self) -> torch.Size:
@@ -85,17 +90,17 @@ class BlockWeight:
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantized rows W[ids] (the embedding lookup of a tied, quantized embedding)."""
-        picked = BlockWeight(self.codes[ids], self.scale[ids], self.offset[ids], self.bits, self.block)
+        picked = BlockWeight(self.codes[ids], self.scale[ids], self.offset[ids], self.bits, self.block)  # exact
         return picked.dequantize()
 
     def widened(self, bits: int, block: int) -> "BlockWeight":
         """The same values in a wider layout (4 -> 8 bits, block 32 -> 16): exact."""
         w = self
         if bits == 8 and w.bits == 4:
-            w = BlockWeight(w.int_codes().to(torch.int8), w.scale, w.offset, 8, w.block)
+            w = BlockWeight(w.int_codes().to(torch.int8), w.scale, w.offset, 8, w.block, w.act8)
         if block == 16 and w.block == 32:
             w = BlockWeight(w.codes, w.scale.repeat_interleave(2, dim=1), w.offset.repeat_interleave(2, dim=1),
-                            w.bits, 16)
+                            w.bits, 16, w.act8)
         if (w.bits, w.block) != (bits, block):
             raise ValueError(f"cannot widen bits={self.bits} block={self.block} to bits={bits} block={block}")
         return w
@@ -109,17 +114,73 @@ def concat_rows(parts: list) -> BlockWeight | torch.Tensor:
     bits, block = max(p.bits for p in parts), min(p.block for p in parts)
     parts = [p.widened(bits, block) for p in parts]
     return BlockWeight(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
-                       torch.cat([p.offset for p in parts]), bits, block)
+                       torch.cat([p.offset for p in parts]), bits, block, any(p.act8 for p in parts))
 
 
 def permute_rows(w: BlockWeight, permute) -> BlockWeight:
     """Apply a row permutation (a function of a [N, ...] tensor) to every part of a block weight."""
-    return BlockWeight(permute(w.codes), permute(w.scale), permute(w.offset), w.bits, w.block)
+    return BlockWeight(permute(w.codes), permute(w.scale), permute(w.offset), w.bits, w.block, w.act8)
 
 
 def block_linear_ref(x: torch.Tensor, w: BlockWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The reference of the native block_linear op: x [M, K] float32 @ W.T -> [M, N]."""
     return torch.nn.functional.linear(x, w.dequantize(), bias)
+
+
+# Rows of x up to which block_linear_q8 quantizes x (decode, verification); more rows (prefill) are
+# multiplied exactly. The same constant as kDirectRows in csrc/block_linear.cpp.
+Q8_MAX_ROWS = 16
+
+
+def quantize_activations_ref(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x float32 [M, K] -> (xq int8 [M, K], dx float32 [M, K / block]) with x ~= dx * xq per block:
+    dx = amax / 127, xq = round-half-even(x * (127 / amax)), all zero for an all-zero block. The same
+    float32 operations as the native kernel, so the same integers."""
+    m, k = x.shape
+    xb = x.reshape(m, k // block, block)
+    amax = xb.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    xq = torch.round(xb * inv).clamp(-127, 127).to(torch.int8).reshape(m, k)
+    return xq, (amax / 127.0).reshape(m, k // block)
+
+
+def block_linear_q8_ref(x: torch.Tensor, w: BlockWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference of block_linear_q8 (weights="gguf-q8"), x [..., K] float32 @ W.T: with at most
+    Q8_MAX_ROWS rows of x, y[m, n] = sum over blocks b of scale[n, b] * dx[m, b] * (codes[n, b] . xq[m, b])
+    + offset[n, b] * sum(x[m, b]) (integer block dots, exact sums of x for the offsets); more rows
+    (prefill) are multiplied exactly, as block_linear_ref."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.shape[0] > Q8_MAX_ROWS:
+        return block_linear_ref(x, w, bias)
+    n, nb = w.scale.shape
+    xq, dx = quantize_activations_ref(x2, w.block)
+    codes = w.int_codes().to(torch.int64).view(n, nb, w.block)
+    dots = torch.einsum("nbj,mbj->mnb", codes, xq.to(torch.int64).view(-1, nb, w.block))  # exact integers
+    y = (dots.double() * (w.scale[None].double() * dx[:, None].double())).sum(-1)
+    y = y + x2.double().view(-1, nb, w.block).sum(-1) @ w.offset.double().T
+    y = y.float().view(*lead, n)
+    return y if bias is None else y + bias
+
+
+def q8_error_bound(x: torch.Tensor, w: BlockWeight) -> torch.Tensor:
+    """[M, N] bound of |block_linear_q8 - block_linear| from quantizing x (at most Q8_MAX_ROWS rows):
+    each x is off by at most dx / 2, so sum over k of |scale * code|[n, k] * dx[m, block of k] / 2."""
+    n, nb = w.scale.shape
+    _, dx = quantize_activations_ref(x, w.block)
+    scaled = (w.int_codes().float().view(n, nb, w.block) * w.scale[:, :, None]).abs().view(n, -1)
+    return (dx.repeat_interleave(w.block, dim=1) / 2) @ scaled.T
+
+
+def kernel_info() -> dict:
+    """The block_linear kernels of the native ops: {"exact": chosen, "q8": chosen, "available": [...]},
+    or None without the native ops."""
+    try:
+        from . import _C  # noqa: F401
+        names = torch.ops.nudgefast.block_kernels()
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+    return {"exact": names[0].split(":", 1)[1], "q8": names[1].split(":", 1)[1], "available": list(names[2:])}
 
 
 # ----------------------------------------------------------------------------- GGML blocks -> BlockWeight

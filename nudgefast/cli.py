@@ -30,9 +30,10 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"])
-    p.add_argument("--weights", default="auto", choices=["auto", "dense", "gguf"],
+    p.add_argument("--weights", default="auto", choices=["auto", "dense", "gguf", "gguf-q8"],
                    help="gguf: on the CPU, read linear weights from the GGUF blocks the models were converted "
-                        "from (same values, ~5x fewer bytes); auto: gguf where every model allows it")
+                        "from (same values, ~5x fewer bytes); gguf-q8: the same with activations quantized to "
+                        "int8 per block (faster, inexact); auto: gguf where every model allows it")
     p.add_argument("--json", action="store_true", help="print one JSON object per answer")
 
 

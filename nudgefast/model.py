@@ -85,20 +85,25 @@ class Transformer:
     def from_dir(cls, model_dir: str | Path, device: torch.device, dtype: torch.dtype | None,
                  backend: Backend, weights: str = "dense") -> "Transformer":
         """weights: "dense" reads model.safetensors; "gguf" (CPU, float32) keeps every quantized
-        linear weight in the blocks of the GGUF file the directory was converted from (blocks.py)."""
+        linear weight in the blocks of the GGUF file the directory was converted from (blocks.py);
+        "gguf-q8" as well, multiplied with activations quantized to int8 per block (block_linear_q8:
+        faster, not exact)."""
         spec = load_spec(model_dir)
         dtype = dtype or default_dtype(spec, device)
         if weights == "dense":
             raw = read_tensors(Path(model_dir))
-        elif weights == "gguf":
+        elif weights in ("gguf", "gguf-q8"):
             if device.type != "cpu" or dtype != torch.float32:
-                raise ConfigError(f"weights='gguf' computes on the CPU in float32; got device={device}, "
+                raise ConfigError(f"weights={weights!r} computes on the CPU in float32; got device={device}, "
                                   f"dtype={dtype} (use weights='dense' there)")
             blocks = read_block_weights(Path(model_dir))
+            if weights == "gguf-q8":  # x quantized to int8 per block in decode (inexact, opt-in)
+                for w in blocks.values():
+                    w.act8 = True
             raw = read_tensors(Path(model_dir), skip=frozenset(blocks))
             raw.update(blocks)
         else:
-            raise ValueError(f"weights={weights!r}; expected 'dense' or 'gguf'")
+            raise ValueError(f"weights={weights!r}; expected 'dense', 'gguf' or 'gguf-q8'")
         return cls(spec, fused_state_dict(spec, raw, dtype), device, dtype, backend)
 
     def _linear(self, x: torch.Tensor, w, bias: torch.Tensor | None) -> torch.Tensor:

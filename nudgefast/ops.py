@@ -37,6 +37,7 @@ class Backend:
             self._store = ops.store_kv
             self._native_attention = ops.paged_attention
             self._block_linear = ops.block_linear
+            self._block_linear_q8 = ops.block_linear_q8
             self._rms_norm = ops.rms_norm
         elif kind == "triton":
             from .kernels.kv_store import store_kv, store_kv_rope
@@ -67,13 +68,15 @@ class Backend:
         return Backend("native" if native else "torch")
 
     def block_linear(self, x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x [..., K] @ W.T for a BlockWeight W (blocks.py): the native op, or its reference."""
+        """x [..., K] @ W.T for a BlockWeight W (blocks.py): the native op, or its reference (the
+        8-bit-activation ones where W.act8, weights="gguf-q8")."""
         if self.kind == "triton":
             raise ValueError("GGUF block weights run on the CPU only")
         if self.kind == "torch":
-            from .blocks import block_linear_ref
-            return block_linear_ref(x, w, bias)
-        y = self._block_linear(x.reshape(-1, x.shape[-1]), w.codes, w.scale, w.offset, w.bits, w.block)
+            from .blocks import block_linear_q8_ref, block_linear_ref
+            return (block_linear_q8_ref if w.act8 else block_linear_ref)(x, w, bias)
+        op = self._block_linear_q8 if w.act8 else self._block_linear
+        y = op(x.reshape(-1, x.shape[-1]), w.codes, w.scale, w.kernel_offset, w.bits, w.block)
         y = y.view(*x.shape[:-1], y.shape[-1])
         return y if bias is None else y + bias
 

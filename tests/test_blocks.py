@@ -6,8 +6,12 @@ Expectations re-stated:
   both real models against the converted model.safetensors in the slow test).
 - Widening (4 -> 8 bits, block 32 -> 16), row concatenation and row lookup change no value.
 - The native block_linear equals dequantize-then-F.linear up to float32 summation order:
-  |error| <= 1e-5 * max(|x| @ |W|^T) (a few ulps of the sum of magnitudes), for the AVX2 kernel and
-  the portable one, over a table of shapes (odd N, every M chunking path) and the three layouts.
+  |error| <= 1e-5 * max(|x| @ |W|^T) (a few ulps of the sum of magnitudes), for every kernel the CPU
+  runs (portable always; avx2, avx512 where present, each forced by NUDGEFAST_BLOCK_KERNEL), over a
+  table of shapes (odd N, N off the 4-row tile, every M chunking path, two threads) and the layouts.
+- block_linear_q8 (weights="gguf-q8") equals block_linear_q8_ref within the same bound (its integer
+  block dots are exact) on every kernel (portable, avx512vnni); the reference is within
+  q8_error_bound (x off by at most half a quantization step) of the exact product.
 - An engine with weights="gguf" writes what the dense engine writes and what the reference
   algorithm writes (greedy and seeded sampling); bad requests name what is wrong.
 """
@@ -26,7 +30,8 @@ from gguf import GGMLQuantizationType as Q  # noqa: E402
 
 import nudgefast as nf  # noqa: E402
 from nudgefast.blocks import (  # noqa: E402
-    SUPPORTED_TYPES, BlockWeight, block_linear_ref, concat_rows, from_ggml, read_block_weights)
+    SUPPORTED_TYPES, BlockWeight, block_linear_q8_ref, block_linear_ref, concat_rows, from_ggml, kernel_info,
+    q8_error_bound, quantize_activations_ref, read_block_weights)
 from nudgefast.config import ConfigError  # noqa: E402
 from nudgefast.ops import Backend, native_ops_available  # noqa: E402
 from oracles import word_start_flags  # noqa: E402
@@ -61,13 +66,15 @@ def test_decoding_equals_gguf_dequantize_bit_for_bit(type_name, rows, cols):
     assert w.nbytes < want.numel() * 4 * (12 / 32 + 0.01)  # at most 12 bits per weight
 
 
-def random_weight(n: int, k: int, bits: int, block: int, seed: int = 0) -> BlockWeight:
+def random_weight(n: int, k: int, bits: int, block: int, seed: int = 0, zero_offset: bool = False) -> BlockWeight:
     g = torch.Generator().manual_seed(seed)
     codes = (torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8) if bits == 4 else
              torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8))
     scale = torch.rand(n, k // block, generator=g) * 0.02
     offset = torch.randn(n, k // block, generator=g) * 0.05
-    return BlockWeight(codes, scale, offset, bits, block)
+    w = BlockWeight(codes, scale, offset * (not zero_offset), bits, block)
+    assert w.kernel_offset.shape == ((n, 0) if zero_offset else offset.shape)  # zero offsets are not read
+    return w
 
 
 LAYOUTS = [(4, 32), (8, 32), (8, 16)]
@@ -93,9 +100,19 @@ def test_widening_concatenation_and_rows_keep_values():
 
 
 # (N, K, M): odd N; M = 1 (decode), 2/3/5 (the 2- and 1-row tails), 8, 13, 16 (direct, passes of 8);
-# M = 17, 70: dequantize + BLAS (prefill)
+# N not a multiple of the 4-row register tile (43, 10, 3); M = 17, 70: dequantize + BLAS (prefill)
 LINEAR_CASES = [(1, 32, 1), (37, 96, 2), (129, 256, 3), (64, 576, 5), (7, 160, 8), (33, 64, 13), (5, 1024, 16),
-                (21, 96, 17), (40, 64, 70)]
+                (43, 160, 1), (10, 224, 4), (3, 96, 12), (21, 96, 17), (40, 64, 70)]
+# block-16 weights with an odd number of blocks (the 8-bit-activation kernel pairs blocks)
+LINEAR_CASES_16 = [(9, 48, 1), (6, 80, 3)]
+
+
+def linear_cases():
+    """(bits, block, N, K, M, zero_offset): every layout and shape, with offsets (Q4_1, Q4_K, ...) and
+    without (Q8_0, Q6_K: the op reads none) on alternate cases."""
+    cases = [(bits, block, n, k, m) for bits, block in LAYOUTS for n, k, m in LINEAR_CASES] + [
+        (8, 16, n, k, m) for n, k, m in LINEAR_CASES_16]
+    return [case + (i % 2 == 1,) for i, case in enumerate(cases)]
 
 
 def assert_linear_close(got, x, w):
@@ -105,14 +122,23 @@ def assert_linear_close(got, x, w):
     assert got.shape == want.shape and err <= 1e-5 * bound, f"max abs error {err:.3g} > 1e-5 * {bound:.3g}"
 
 
+def assert_q8_close(got, x, w):
+    """The 8-bit-activation op equals its reference up to float32 summation order (the same bound
+    as the exact op: the integer block dots are exact in both)."""
+    want = block_linear_q8_ref(x, w)
+    bound = (x.abs() @ w.dequantize().abs().T).max().item()
+    err = (got - want).abs().max().item()
+    assert got.shape == want.shape and err <= 1e-5 * bound, f"q8: max abs error {err:.3g} > 1e-5 * {bound:.3g}"
+
+
 @native
-@pytest.mark.parametrize("bits, block", LAYOUTS)
-@pytest.mark.parametrize("n, k, m", LINEAR_CASES)
-def test_native_block_linear_equals_reference(bits, block, n, k, m):
-    w = random_weight(n, k, bits, block, seed=n * k + m)
+@pytest.mark.parametrize("bits, block, n, k, m, zero_offset", linear_cases())
+def test_native_block_linear_equals_reference(bits, block, n, k, m, zero_offset):
+    w = random_weight(n, k, bits, block, seed=n * k + m, zero_offset=zero_offset)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
-    got = torch.ops.nudgefast.block_linear(x, w.codes, w.scale, w.offset, bits, block)
+    got = torch.ops.nudgefast.block_linear(x, w.codes, w.scale, w.kernel_offset, bits, block)
     assert_linear_close(got, x, w)
+    assert_q8_close(torch.ops.nudgefast.block_linear_q8(x, w.codes, w.scale, w.kernel_offset, bits, block), x, w)
 
 
 @native
@@ -132,23 +158,87 @@ def test_backend_block_linear_takes_views_leading_dims_and_bias():
         got = Backend(kind).block_linear(x, w, bias)
         want = torch.nn.functional.linear(x, w.dequantize(), bias)
         assert got.shape == (2, 3, 19) and torch.allclose(got, want, atol=1e-5, rtol=0)
+    w.act8 = True  # weights="gguf-q8": both backends take the 8-bit-activation op
+    want = block_linear_q8_ref(x.reshape(6, 64), w).view(2, 3, 19) + bias
+    for kind in ("native", "torch"):
+        assert torch.allclose(Backend(kind).block_linear(x, w, bias), want, atol=1e-5, rtol=0), kind
+
+
+# Every kernel this machine runs, forced in a child process (the choice is made once per process);
+# the portable one runs on every machine. Two threads split the rows of the last cases.
+KERNEL_SCRIPT = """
+import torch, nudgefast._C
+from test_blocks import linear_cases, random_weight, assert_linear_close, assert_q8_close
+chosen = torch.ops.nudgefast.block_kernels()
+assert chosen[0] == "exact:{kernel}", chosen
+for bits, block, n, k, m, zero_offset in linear_cases():
+    w = random_weight(n, k, bits, block, seed=n, zero_offset=zero_offset)
+    x = torch.randn(m, k)
+    args = (w.codes, w.scale, w.kernel_offset, bits, block)
+    assert_linear_close(torch.ops.nudgefast.block_linear(x, *args), x, w)
+    assert_q8_close(torch.ops.nudgefast.block_linear_q8(x, *args), x, w)
+torch.set_num_threads(2)
+for m in (1, 2, 3, 5, 20):
+    w = random_weight(1030, 128, 4, 32, seed=m, zero_offset=m in (3, 20))
+    x = torch.randn(m, 128)
+    args = (w.codes, w.scale, w.kernel_offset, 4, 32)
+    assert_linear_close(torch.ops.nudgefast.block_linear(x, *args), x, w)
+    assert_q8_close(torch.ops.nudgefast.block_linear_q8(x, *args), x, w)
+print(chosen[1], "ok")
+"""
+
+
+def run_with_kernel(kernel: str, script: str, **env):
+    env = {**os.environ, "NUDGEFAST_BLOCK_KERNEL": kernel, "PYTHONPATH": os.path.dirname(__file__), **env}
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
 
 
 @native
-def test_portable_kernel_equals_reference():
-    """The kernel for CPUs without AVX2 (chosen once per process, so in a child process)."""
-    script = ("import torch, nudgefast._C\n"
-              "from test_blocks import LAYOUTS, LINEAR_CASES, random_weight, assert_linear_close\n"
-              "for bits, block in LAYOUTS:\n"
-              "    for n, k, m in LINEAR_CASES:\n"
-              "        w = random_weight(n, k, bits, block, seed=n)\n"
-              "        x = torch.randn(m, k)\n"
-              "        assert_linear_close(torch.ops.nudgefast.block_linear(x, w.codes, w.scale, w.offset, bits,"
-              " block), x, w)\n"
-              "print('portable ok')\n")
-    env = {**os.environ, "NUDGEFAST_PORTABLE_KERNELS": "1", "PYTHONPATH": os.path.dirname(__file__)}
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "portable ok" in out.stdout, out.stderr[-2000:]
+@pytest.mark.parametrize("kernel", ["portable", "avx2", "avx512"])
+def test_every_kernel_equals_reference(kernel):
+    available = kernel_info()["available"]
+    if kernel not in available:
+        pytest.skip(f"this CPU runs {available}")
+    out = run_with_kernel(kernel, KERNEL_SCRIPT.format(kernel=kernel))
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+    # the 8-bit-activation kernel that ran: VNNI beside the AVX-512 one where the CPU has it
+    want_q8 = "avx512vnni" if kernel == "avx512" and "avx512vnni" in available else "portable"
+    assert out.stdout.split()[0] == f"q8:{want_q8}", out.stdout
+
+
+@native
+def test_kernel_choice_is_explained():
+    info = kernel_info()
+    assert info["exact"] == [k for k in info["available"] if k != "avx512vnni"][-1]  # the best exact kernel
+    out = run_with_kernel("avx3", "import torch, nudgefast._C\ntorch.ops.nudgefast.block_linear("
+                          "torch.randn(1, 32), torch.zeros(1, 16, dtype=torch.uint8), torch.ones(1, 1), "
+                          "torch.zeros(1, 1), 4, 32)")
+    assert out.returncode != 0 and "NUDGEFAST_BLOCK_KERNEL=avx3 is not a block_linear kernel" in out.stderr
+    out = run_with_kernel("", "import torch, nudgefast._C\nprint(torch.ops.nudgefast.block_kernels()[0])",
+                          NUDGEFAST_PORTABLE_KERNELS="1")
+    assert out.stdout.strip() == "exact:portable", out.stderr[-2000:]
+
+
+def test_activation_quantization_rounds_half_to_even_per_block():
+    x = torch.zeros(1, 64)
+    x[0, :5] = torch.tensor([1.0, -0.5, 0.25, 0.126, -1.0])  # block 0: amax 1; block 1 all zero
+    xq, dx = quantize_activations_ref(x, 32)
+    assert xq[0, :5].tolist() == [127, -64, 32, 16, -127]  # -63.5 -> -64, 31.75 -> 32, 16.002 -> 16
+    assert torch.equal(xq[0, 32:], torch.zeros(32, dtype=torch.int8))
+    assert dx.tolist() == [[pytest.approx(1 / 127), 0.0]]
+
+
+@pytest.mark.parametrize("bits, block", LAYOUTS)
+def test_q8_reference_is_within_its_stated_bound_of_the_exact_product(bits, block):
+    w = random_weight(23, 256, bits, block, seed=bits + block)
+    x = torch.randn(5, 256) * torch.linspace(0.1, 3.0, 256)  # blocks of different ranges
+    q8, exact = block_linear_q8_ref(x, w), block_linear_ref(x, w)
+    err = (q8 - exact).abs()
+    assert (err <= q8_error_bound(x, w) * (1 + 1e-4) + 1e-5).all()
+    assert err.max() > 0  # it does quantize
+    assert (err.max() / exact.abs().max()).item() < 0.02  # and a 8-bit quantization stays close
+    big = torch.randn(17, 256)  # prefill rows: exact
+    assert torch.equal(block_linear_q8_ref(big, w), block_linear_ref(big, w))
 
 
 @native
@@ -161,6 +251,8 @@ def test_native_block_linear_rejects_bad_inputs():
         op(torch.randn(1, 64, dtype=torch.float64), w.codes, w.scale, w.offset, 8, 32)
     with pytest.raises(TypeError, match="codes"):
         op(torch.randn(1, 64), w.codes.view(torch.uint8), w.scale, w.offset, 8, 32)
+    with pytest.raises(TypeError, match="offset"):
+        op(torch.randn(1, 64), w.codes, w.scale, w.offset[:, :1], 8, 32)
     with pytest.raises(ValueError, match="unsupported layout"):
         op(torch.randn(1, 64), w.codes, w.scale, w.offset, 4, 16)
     assert op(torch.randn(1, 64), w.codes, w.scale, w.offset, 8, 32).shape == (1, 4)  # still usable
@@ -222,6 +314,25 @@ def test_gguf_weights_engine_writes_what_the_dense_engine_writes(gguf_pair):
         for name in ("gguf", "gguf-torch"):
             assert [o.token_ids for o in outs[name]] == [o.token_ids for o in outs["dense"]], (name, config)
             assert [o.from_nudger for o in outs[name]] == [o.from_nudger for o in outs["dense"]], (name, config)
+
+
+@native
+def test_gguf_q8_weights_native_engine_writes_what_its_reference_writes(gguf_pair):
+    """weights="gguf-q8": every block weight, fused ones and the head included, multiplies with
+    8-bit activations, and the native op and the torch reference write the same tokens."""
+    base, nudger = gguf_pair
+    engines = {native: nf.NudgingEngine(base, nudger, weights="gguf-q8", native=native, page_size=4,
+                                        kv_cache_tokens=256) for native in (True, False)}
+    model = engines[True].base.model
+    assert model.layers[0]["qkv"].act8 and model.layers[0]["gate_up"].act8 and model.lm_head.act8
+    exact = nf.NudgingEngine(base, nudger, weights="gguf", page_size=4, kv_cache_tokens=256)
+    assert not exact.base.model.layers[0]["qkv"].act8
+    for config in (nf.NudgeConfig(mode="base_only", max_new_tokens=12, stop_token_ids=[]),
+                   nf.NudgeConfig(mode="nudging", granularity="token", threshold=0.1, max_new_tokens=12,
+                                  stop_token_ids=[])):
+        outs = {name: e.generate_ids(PROMPTS, PROMPTS, config) for name, e in engines.items()}
+        assert [o.token_ids for o in outs[True]] == [o.token_ids for o in outs[False]], config
+        assert [o.from_nudger for o in outs[True]] == [o.from_nudger for o in outs[False]], config
 
 
 @native

@@ -14,8 +14,8 @@ from ..blocks import BlockWeight
 from ..kv_cache import KVPool
 from ..model import Transformer
 from .presets import Models
-from .runners import (AnchorRunner, NudgefastRunner, RunRecord, TokenCheck, anchors_for, compare_outputs, make_prompts,
-                      percentiles)
+from .runners import (AnchorRunner, NudgefastRunner, RunRecord, TokenCheck, anchors_for, compare_outputs, cpu_anchors,
+                      make_prompts, percentiles)
 
 
 # ---- Bytes per token and the bandwidth bound -----------------------------------------------------
@@ -148,7 +148,7 @@ def case_runners(models: Models, cfg: NudgeConfig, base_prompts, nudger_prompts,
         stop_ids = models.engine.stop_ids_for(cfg)
         word_start = models.engine.word_start_for(cfg)
         runners += [AnchorRunner(n, models, cfg, base_prompts, nudger_prompts, stop_ids, word_start)
-                    for n in anchors_for(cfg)]
+                    for n in anchors_for(cfg) + cpu_anchors(models, cfg)]
     return runners
 
 

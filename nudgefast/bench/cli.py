@@ -70,10 +70,11 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--native", choices=["auto", "on", "off"], default="auto", help="the C++ CPU ops")
-    p.add_argument("--weights", choices=["dense", "gguf"], default="dense",
+    p.add_argument("--weights", choices=["dense", "gguf", "gguf-q8"], default="dense",
                    help="gguf: also run nudgefast with its CPU linears on the quantized blocks of the models' GGUF "
-                        "files (engine nudgefast-gguf), beside nudgefast on the dense weights; the transformers "
-                        "anchors read the dense conversion")
+                        "files (engine nudgefast-gguf), beside nudgefast on the dense weights; gguf-q8: the same "
+                        "blocks with int8 activations (inexact, opt-in); the transformers anchors read the dense "
+                        "conversion")
     p.add_argument("--allow-mismatch", action="store_true",
                    help="exit 0 even when a run's tokens differ from the reference (the speed-ups stay suppressed)")
     p.add_argument("--test-force-mismatch", metavar="ENGINE", help=argparse.SUPPRESS)  # test hook: corrupt a run
@@ -121,7 +122,7 @@ def parse_args(argv):
                          ("--new-tokens", [args.new_tokens]), ("--threads", [args.threads or 1])):
         if any(v < 1 for v in values):
             p.error(f"{flag} must be >= 1, got {values if len(values) > 1 else values[0]}")
-    if args.weights == "gguf" and args.preset:
+    if args.weights != "dense" and args.preset:
         p.error("--weights gguf needs models converted from GGUF files, not a random-weight preset")
     check_config(args)
     return args

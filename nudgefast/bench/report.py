@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-ENV_KEYS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUDGEFAST_NATIVE", "TRITON_INTERPRET")  # recorded with the command
+ENV_KEYS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUDGEFAST_NATIVE", "TRITON_INTERPRET",  # recorded with the command
+            "NUDGEFAST_BLOCK_KERNEL", "NUDGEFAST_LLAMACPP_EXTRA_BUFTS")
 
 
 # ---- Environment, output -------------------------------------------------------------------------
@@ -71,6 +72,7 @@ def device_info(device) -> dict:
         info.update(name=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
     else:
         cpu = cpu_info()
+        cpu.update(cpu_details())
         info.update(name=f"{cpu['model_name']} ({cpu['logical_cpus']} logical CPUs)", cpu=cpu)
     return info
 
@@ -87,6 +89,24 @@ def native_kernel_isa() -> dict | None:
     except (AttributeError, RuntimeError):
         return {"unknown": "the built extension predates kernel_isa; rebuild it"}
     return dict(part.split("=", 1) for part in text.split(";"))
+
+
+# the CPU flags the native kernels (block_linear) and llama.cpp choose their code paths by
+SIMD_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx_vnni",
+              "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def cpu_details() -> dict:
+    """The CPU's SIMD flags and the block_linear kernels nudgefast chose on it."""
+    flags: list[str] = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+                break
+    from ..blocks import kernel_info
+
+    return {"simd_flags": [f for f in SIMD_FLAGS if f in flags], "block_kernels": kernel_info()}
 
 
 def format_table(scenarios: list[dict]) -> str:

@@ -13,6 +13,8 @@ import warnings
 import torch
 
 from ..api import NudgeConfig, NudgingEngine
+from ..blocks import gguf_source
+from ..config import ConfigError
 from ..model import Transformer
 from .presets import Models, SyntheticTokenizer
 from .report import REPO_ROOT
@@ -253,7 +255,8 @@ class AnchorRunner:
 
     def run(self, count_syncs: bool = False) -> RunRecord:
         anchors = load_anchors()
-        hf, cfg = self.models.load_hf(), self.config
+        cfg = self.config
+        hf = self.models.load_hf() if self.name != "llamacpp" else None
         device = self.models.engine.device
         _sync(device)
         forwards = dict.fromkeys(hf, 0)
@@ -261,7 +264,13 @@ class AnchorRunner:
                  for role, m in hf.items()]
         with count_cuda_syncs(count_syncs) as syncs, _removed_after(hooks):
             c0, t0 = time.process_time(), time.perf_counter()
-            if self.name == "hf_generate":
+            if self.name == "llamacpp":  # the same GGUF file, threads and prompt ids (benchmarks/anchors/llamacpp.py)
+                side = "nudger" if cfg.mode == "nudger_only" else "base"
+                prompt = self.nudger_prompt if side == "nudger" else self.base_prompt
+                res = anchors.llamacpp.llamacpp_generate(gguf_source(getattr(self.models.engine, side).dir), prompt,
+                                                         cfg, self.stop_ids, threads=torch.get_num_threads(),
+                                                         from_nudger=side == "nudger")
+            elif self.name == "hf_generate":
                 side = "nudger" if cfg.mode == "nudger_only" else "base"
                 prompt = self.nudger_prompt if side == "nudger" else self.base_prompt
                 res = anchors.hf_generate(hf[side], prompt, cfg, self.stop_ids, from_nudger=side == "nudger")
@@ -316,6 +325,19 @@ def _removed_after(hooks):
     finally:
         for h in hooks:
             h.remove()
+
+
+def cpu_anchors(models: Models, config: NudgeConfig) -> list[str]:
+    """["llamacpp"] where llama.cpp can decode the same thing: on the CPU, one model decoding
+    (base_only, nudger_only), that model converted from a GGUF file, llama-cpp-python installed."""
+    if models.engine.device.type != "cpu" or config.mode not in ("base_only", "nudger_only"):
+        return []
+    loaded = models.engine.nudger if config.mode == "nudger_only" else models.engine.base
+    try:
+        gguf_source(loaded.dir)
+    except ConfigError:
+        return []
+    return ["llamacpp"] if load_anchors().llamacpp.available() else []
 
 
 def compare_outputs(ours: RunRecord, theirs: RunRecord) -> dict:
