@@ -148,7 +148,9 @@ def sample_rows_ref(logits: torch.Tensor, seed: torch.Tensor, step: torch.Tensor
     if n_sampled == 0:
         return x.argmax(dim=-1)
     s = x * inv_temp.reshape(-1, 1)
-    contender = (s >= s.max(dim=-1, keepdim=True).values - CONTENDER_SPAN) & sampled.reshape(-1, 1)
+    contender = s >= s.max(dim=-1, keepdim=True).values - CONTENDER_SPAN
+    if n_sampled < x.shape[0]:
+        contender &= sampled.reshape(-1, 1)  # greedy rows draw no noise
     nucleus = mode == SAMPLE_NUCLEUS
     if bool(nucleus.all()):
         contender &= nucleus_mask_ref(s, top_p)
