@@ -194,6 +194,10 @@ def set_row(state: GateState, row: int, *, seed: int, gate, threshold: float, gr
         raise ValueError(f"stop ids must be >= 0, got {stops}")
     if word_state not in (STATE_NUDGE, STATE_BASE):
         raise ValueError(f"word_state must be STATE_NUDGE or STATE_BASE, got {word_state!r}")
+    if not isinstance(n_out, int) or n_out < 0 or (isinstance(max_new_tokens, int) and n_out >= max_new_tokens):
+        raise ValueError(f"n_out must be an int in [0, max_new_tokens={max_new_tokens}), got {n_out!r}")
+    if not isinstance(n_nudged, int) or not 0 <= n_nudged <= n_out or not isinstance(span, int) or span < 0:
+        raise ValueError(f"n_nudged must be in [0, n_out] and span >= 0, got n_nudged={n_nudged!r}, span={span!r}")
     set_row_params(state, row, gate=gate, threshold=threshold, granularity=granularity, temperature=temperature,
                    top_p=top_p, max_new_tokens=max_new_tokens)
     state.seed[row] = int(seed)

@@ -143,12 +143,14 @@ def sample_rows_ref(logits: torch.Tensor, seed: torch.Tensor, step: torch.Tensor
     if max_sample != SAMPLE_NUCLEUS:
         mode = mode.clamp(max=max_sample)
     x = logits.float()
-    greedy = x.argmax(dim=-1)
     sampled = mode != SAMPLE_GREEDY
-    if not bool(sampled.any()):
-        return greedy
+    n_sampled = int(sampled.sum())
+    if n_sampled == 0:
+        return x.argmax(dim=-1)
     s = x * inv_temp.reshape(-1, 1)
-    contender = (s >= s.max(dim=-1, keepdim=True).values - CONTENDER_SPAN) & sampled.reshape(-1, 1)
+    contender = s >= s.max(dim=-1, keepdim=True).values - CONTENDER_SPAN
+    if n_sampled < x.shape[0]:
+        contender &= sampled.reshape(-1, 1)  # greedy rows draw no noise
     nucleus = mode == SAMPLE_NUCLEUS
     if bool(nucleus.all()):
         contender &= nucleus_mask_ref(s, top_p)
@@ -167,7 +169,9 @@ def sample_rows_ref(logits: torch.Tensor, seed: torch.Tensor, step: torch.Tensor
     else:
         index = torch.arange(x.shape[1], device=x.device)
         v = (s + gumbel_ref(seed, step, stream, index)).masked_fill_(~contender, float("-inf"))
-    return torch.where(sampled, v.argmax(dim=-1), greedy)
+    if n_sampled == x.shape[0]:
+        return v.argmax(dim=-1)
+    return torch.where(sampled, v.argmax(dim=-1), x.argmax(dim=-1))
 
 
 def sample_ref(logits: torch.Tensor, seed: torch.Tensor, step: torch.Tensor, stream: int, temperature: float,

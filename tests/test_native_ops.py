@@ -282,7 +282,7 @@ def test_attention_rejects_bad_input():
 
 from nudgefast.kernels.nudge_gate import (  # noqa: E402
     FINISH_LENGTH, FINISH_NONE, FINISH_STOP, GATE_ENTROPY, GATE_TOP_PROB, MODE_BASE_ONLY, MODE_NUDGER_ONLY,
-    MODE_NUDGING, STATE_BASE, STATE_NUDGE, GateParams, GateState, ModelCursor, nudge_step_ref)
+    MODE_NUDGING, STATE_BASE, STATE_NUDGE, GateParams, ModelCursor, nudge_step_ref)
 from nudgefast.kernels.rng import gumbel_ref, hash_ref  # noqa: E402
 from nudgefast.kernels.sample import inverse_temperature, sample_mode, sample_ref, sample_rows_ref  # noqa: E402
 from nudgefast.native import nudge_step_native, sample_native, sample_rows_native  # noqa: E402

@@ -306,7 +306,7 @@ def test_word_level_transitions(impl, gate, dtype):
     state, cursors, bl, nl, threshold = scenario_batch([c[1] for c in WORD_CASES], gate, dtype)
     prm = apply(state, Cfg(MODE_NUDGING, gate, threshold, True, 0.0, 1.0, 6))
     before, cur_before = clone(state), [clone(c) for c in cursors]
-    impl(bl, nl, state, apply(state, prm), *cursors)
+    impl(bl, nl, state, prm, *cursors)
     for i, (name, _, expected) in enumerate(WORD_CASES):
         check_expected(before, state, cur_before, cursors, i, expected)
     check_untouched(before, state, cur_before, cursors, len(WORD_CASES))
@@ -320,7 +320,7 @@ def test_token_level_and_single_model_modes(impl, gate):
         state, cursors, bl, nl, threshold = scenario_batch(rows, gate)
         prm = apply(state, Cfg(mode, gate, threshold, False, 0.0, 1.0, 6))
         before, cur_before = clone(state), [clone(c) for c in cursors]
-        impl(None if mode == MODE_NUDGER_ONLY else bl, None if mode == MODE_BASE_ONLY else nl, state, apply(state, prm), *cursors)
+        impl(None if mode == MODE_NUDGER_ONLY else bl, None if mode == MODE_BASE_ONLY else nl, state, prm, *cursors)
         for i, ((confident, b, n), (token, from_n)) in enumerate(TOKEN_CASES):
             if mode == MODE_BASE_ONLY:
                 token, from_n = (None if b == STOP else b), 0
@@ -562,6 +562,9 @@ def test_state_helpers():
     assert st.stop_ids.tolist() == [[2, 5], [2, 5]] and st.finished.tolist() == [0, 0]
     assert st.out_tokens.shape == (2, 6) and st.max_new.tolist() == [6, 6] and st.sample_mode.tolist() == [0, 0]
     assert gate_params_for(cfg) == GateParams(MODE_NUDGING, 0)
+    with pytest.raises(ValueError, match="n_out"):
+        set_row(st, 0, seed=7, gate="entropy", threshold=1.5, granularity="word", temperature=0.5, top_p=0.9,
+                max_new_tokens=4, stop_ids=[], n_out=4)
     empty = gate_state_for(cfg, 1, [], ws, [3])
     assert empty.stop_ids.tolist() == [[-1]]
 

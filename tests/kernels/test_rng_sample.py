@@ -15,8 +15,8 @@ import torch
 
 from nudgefast.kernels.rng import (SALT_INDEX, SALT_SEED, SALT_STREAM, _uniform_from_hash_ref, gumbel_from_uniform_ref,
                                    gumbel_ref, hash_ref, hash_triton, uniform_ref)
-from nudgefast.kernels.sample import (inverse_temperature, nucleus_mask, nucleus_mask_ref, sample, sample_mode,
-                                      sample_ref)
+from nudgefast.kernels.sample import (SAMPLE_GREEDY, SAMPLE_GUMBEL, inverse_temperature, nucleus_mask,
+                                      nucleus_mask_ref, sample, sample_mode, sample_ref, sample_rows, sample_rows_ref)
 
 M32 = 0xFFFFFFFF
 
@@ -212,6 +212,51 @@ def test_sample_ref_equals_dense_gumbel_max(temperature, top_p):
         if top_p < 1:
             v = v.masked_fill(~nucleus_mask_ref(s, top_p), float("-inf"))
         assert torch.equal(sample_ref(x, seed, step, 1, temperature, top_p), v.argmax(dim=-1))
+
+
+# per-row samplers in one batch: (temperature, top_p) of each row
+MIXED = [(0.0, 1.0), (0.7, 1.0), (0.7, 0.8), (1.3, 0.95), (0.3, 0.5), (2.0, 1.0), (0.0, 0.4), (0.9, 0.3)]
+
+
+def _mixed(V, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    B = len(MIXED)
+    x = _logit_rows(B, V, dtype, gen)
+    seeds = torch.randint(-(2**62), 2**62, (B,), generator=gen)
+    step = torch.randint(0, 10_000, (B,), generator=gen, dtype=torch.int32)
+    inv = torch.tensor([inverse_temperature(t) for t, _ in MIXED], dtype=torch.float32)
+    top_p = torch.tensor([p for _, p in MIXED], dtype=torch.float32)
+    mode = torch.tensor([sample_mode(t, p) for t, p in MIXED], dtype=torch.int32)
+    return x, seeds, step, inv, top_p, mode
+
+
+@pytest.mark.parametrize("V,dtype", [(37, torch.float32), (1000, torch.bfloat16), (3001, torch.float32)])
+def test_sample_rows_reference_equals_each_row_alone(V, dtype):
+    x, seeds, step, inv, top_p, mode = _mixed(V, dtype, V)
+    for stream in (0, 1):
+        got = sample_rows_ref(x, seeds, step, stream, inv, top_p, mode)
+        for r, (t, p) in enumerate(MIXED):
+            assert int(got[r]) == int(sample_ref(x[r:r + 1], seeds[r:r + 1], step[r:r + 1], stream, t, p)), r
+    # max_sample caps every row's sampler: greedy everywhere, or Gumbel without the nucleus
+    assert torch.equal(sample_rows_ref(x, seeds, step, 0, inv, top_p, mode, SAMPLE_GREEDY), x.float().argmax(-1))
+    capped = sample_rows_ref(x, seeds, step, 0, inv, top_p, mode, SAMPLE_GUMBEL)
+    uncapped = sample_rows_ref(x, seeds, step, 0, inv, top_p, torch.clamp(mode, max=SAMPLE_GUMBEL))
+    assert torch.equal(capped, uncapped)
+
+
+@pytest.mark.parametrize("V,dtype", [(37, torch.float32), (1000, torch.bfloat16)])
+def test_sample_rows_triton_equals_reference(V, dtype):
+    x, seeds, step, inv, top_p, mode = _mixed(V, dtype, V + 7)
+    for stream in (0, 1):
+        want = sample_rows_ref(x, seeds, step, stream, inv, top_p, mode)
+        assert torch.equal(sample_rows(x, seeds, step, stream, inv, top_p, mode), want)
+    for max_sample in (SAMPLE_GREEDY, SAMPLE_GUMBEL):  # the compile-time cap prunes, per row it clamps
+        assert torch.equal(sample_rows(x, seeds, step, 0, inv, top_p, mode, max_sample=max_sample),
+                           sample_rows_ref(x, seeds, step, 0, inv, top_p, mode, max_sample))
+    with pytest.raises(ValueError, match="top_p"):
+        sample_rows(x, seeds, step, 0, inv, top_p[:3], mode)
+    with pytest.raises(ValueError, match="inv_temp"):
+        sample_rows_ref(x, seeds, step, 0, inv.double(), top_p, mode)
 
 
 def test_sample_is_a_pure_function_of_its_key():
