@@ -405,3 +405,23 @@ def test_results_md_generator_refuses_other_schemas(tmp_path):
     (tmp_path / "x.json").write_text(json.dumps({"schema": "something-else"}))
     with pytest.raises(ValueError, match="schema"):
         gen.load_results(tmp_path)
+
+
+def test_native_kernel_isa_says_what_runs():
+    """The JSON's instruction sets come from the extension's own choice: NUDGEFAST_PORTABLE_KERNELS=1
+    (block_linear's portable kernel, read once per process) shows as such."""
+    import os
+    import subprocess
+
+    from nudgefast.ops import native_ops_available
+
+    if not native_ops_available():
+        pytest.skip("the C++ ops are not built")
+    code = "from nudgefast.bench import native_kernel_isa; print(native_kernel_isa()['block_linear'])"
+    forced = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env=dict(os.environ, NUDGEFAST_PORTABLE_KERNELS="1")).stdout.strip()
+    assert forced == "portable"
+    here = bench.native_kernel_isa()
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").is_file() else []
+    if "NUDGEFAST_PORTABLE_KERNELS" not in os.environ:
+        assert here["block_linear"] == ("avx2+fma" if "avx2" in flags and "fma" in flags else "portable")
