@@ -733,10 +733,11 @@ std::vector<std::string> block_kernels() {
 }
 
 // Which instruction set each native kernel runs here (recorded with benchmark results): block_linear
-// picks its AVX2 kernel at run time (has_avx2); the target_clones functions of simd.h users
+// picks its kernel at run time by CPU features (kernel()); the target_clones functions of simd.h users
 // (paged_attention, rms_norm, sampler) get the x86-64-v3 clone where the CPU supports that level.
 std::string kernel_isa() {
-  std::string block = has_avx2() ? "avx2+fma" : "portable";
+  const Kernel k = kernel();
+  std::string block = k == Kernel::kAvx512 ? "avx512" : k == Kernel::kAvx2 ? "avx2+fma" : "portable";
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
   std::string clones = __builtin_cpu_supports("x86-64-v3") ? "x86-64-v3" : "x86-64 baseline";
 #else
