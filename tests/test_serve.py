@@ -458,3 +458,23 @@ def test_cross_vocabulary_pair_serves_text_spans_and_streams(tmp_path):
             want.stats["emitted_tokens"], want.stats["nudged_tokens"])
         text, flags, _ = stream_chat(cl, **kw)
         assert text == want.text and spans_from_flags(flags) == ch.model_extra["nudged_spans"]
+
+
+def test_one_log_line_per_request(served, caplog):
+    import logging
+
+    url, _ = served
+    cl = client(url)
+    with caplog.at_level(logging.INFO, logger="nudgefast.serve"):
+        r = cl.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+        text, _, chunks = stream_chat(cl, model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+        with pytest.raises(openai.BadRequestError):
+            cl.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], top_p=2)
+        deadline = time.monotonic() + 5  # a stream's line is written once its connection is done
+        while len(caplog.records) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "nudgefast.serve"]
+    assert len(lines) == 3, lines  # lines of a stream are written when it ends: in any order
+    assert [ln for ln in lines if f"rid={r.id}-0 " in ln and " 200 " in ln and "finish=length" in ln]
+    assert [ln for ln in lines if f"rid={chunks[0].id}-0 " in ln and " 200 " in ln]
+    assert [ln for ln in lines if "POST /v1/chat/completions 400" in ln and "finish=refused" not in ln]
