@@ -156,6 +156,27 @@ def test_completions_batch_matches_each_prompt_alone(served):
             .token_ids) for p in prompts)
 
 
+def test_streaming_completions_batch_equals_non_streaming(served):
+    url, _ = served
+    cl = client(url)
+    kw = dict(model=MODEL, prompt=QUESTIONS[:3], max_tokens=16, stop=["e t"], extra_body=nudging())
+    full = cl.completions.create(**kw)
+    texts, flags, finish = {}, {}, {}
+    for chunk in cl.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
+        for ch in chunk.choices:
+            texts[ch.index] = texts.get(ch.index, "") + ch.text
+            if ch.text:
+                flags.setdefault(ch.index, []).append((ch.text, ch.model_extra["nudged"]))
+            if ch.finish_reason:
+                finish[ch.index] = ch.finish_reason
+        if chunk.usage:
+            usage = chunk.usage
+    for c in full.choices:
+        assert texts[c.index] == c.text and finish[c.index] == c.finish_reason
+        assert spans_from_flags(flags.get(c.index, [])) == c.model_extra["nudged_spans"]
+    assert usage.model_dump() == full.usage.model_dump()
+
+
 @pytest.mark.parametrize("sampling", [{"temperature": 0.0}, {"temperature": 0.9, "top_p": 0.95, "seed": 1234}],
                          ids=["greedy", "seeded"])
 def test_streaming_chat_equals_non_streaming(served, sampling):
