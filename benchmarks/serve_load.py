@@ -131,6 +131,7 @@ def start_server(args):
             raise RuntimeError(f"the server exited: {Path(log.name).read_text()[-2000:]}")
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                proc.log_path = log.name
                 return proc, url
         except httpx.TransportError:
             pass
@@ -215,6 +216,7 @@ def main(argv=None):
         finally:
             proc.terminate()
             proc.wait(30)
+            os.unlink(proc.log_path)
         from nudgefast.cli import _make_engine, _resolve_models
 
         from nudgefast.serve.cli import engine_kwargs

@@ -156,6 +156,27 @@ def test_completions_batch_matches_each_prompt_alone(served):
             .token_ids) for p in prompts)
 
 
+def test_streaming_completions_batch_equals_non_streaming(served):
+    url, _ = served
+    cl = client(url)
+    kw = dict(model=MODEL, prompt=QUESTIONS[:3], max_tokens=16, stop=["e t"], extra_body=nudging())
+    full = cl.completions.create(**kw)
+    texts, flags, finish = {}, {}, {}
+    for chunk in cl.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
+        for ch in chunk.choices:
+            texts[ch.index] = texts.get(ch.index, "") + ch.text
+            if ch.text:
+                flags.setdefault(ch.index, []).append((ch.text, ch.model_extra["nudged"]))
+            if ch.finish_reason:
+                finish[ch.index] = ch.finish_reason
+        if chunk.usage:
+            usage = chunk.usage
+    for c in full.choices:
+        assert texts[c.index] == c.text and finish[c.index] == c.finish_reason
+        assert spans_from_flags(flags.get(c.index, [])) == c.model_extra["nudged_spans"]
+    assert usage.model_dump() == full.usage.model_dump()
+
+
 @pytest.mark.parametrize("sampling", [{"temperature": 0.0}, {"temperature": 0.9, "top_p": 0.95, "seed": 1234}],
                          ids=["greedy", "seeded"])
 def test_streaming_chat_equals_non_streaming(served, sampling):
@@ -458,3 +479,23 @@ def test_cross_vocabulary_pair_serves_text_spans_and_streams(tmp_path):
             want.stats["emitted_tokens"], want.stats["nudged_tokens"])
         text, flags, _ = stream_chat(cl, **kw)
         assert text == want.text and spans_from_flags(flags) == ch.model_extra["nudged_spans"]
+
+
+def test_one_log_line_per_request(served, caplog):
+    import logging
+
+    url, _ = served
+    cl = client(url)
+    with caplog.at_level(logging.INFO, logger="nudgefast.serve"):
+        r = cl.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+        text, _, chunks = stream_chat(cl, model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+        with pytest.raises(openai.BadRequestError):
+            cl.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], top_p=2)
+        deadline = time.monotonic() + 5  # a stream's line is written once its connection is done
+        while len(caplog.records) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "nudgefast.serve"]
+    assert len(lines) == 3, lines  # lines of a stream are written when it ends: in any order
+    assert [ln for ln in lines if f"rid={r.id}-0 " in ln and " 200 " in ln and "finish=length" in ln]
+    assert [ln for ln in lines if f"rid={chunks[0].id}-0 " in ln and " 200 " in ln]
+    assert [ln for ln in lines if "POST /v1/chat/completions 400" in ln and "finish=refused" not in ln]

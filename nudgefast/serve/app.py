@@ -178,6 +178,7 @@ class EngineRun:
         self.engine_done = False  # the engine reported finished (nothing to abort)
         self.closed = False
         self.gen = None
+        self.started = False  # the engine took the request (start() returned)
         self.prompt_tokens = {"base": len(req.base_ids or ()), "nudger": len(req.nudger_ids or ())}
 
     @property
@@ -197,6 +198,7 @@ class EngineRun:
             raise bad(str(e)) from None
         except KVPoolExhausted as e:
             raise APIError(503, str(e), code="kv_cache_full") from None
+        self.started = True
         m = self.st.metrics
         for k, v in self.prompt_tokens.items():
             m.prompt_tokens[k] += v
@@ -261,7 +263,8 @@ class EngineRun:
         ttft = f"{(self.t_first - self.t_arrival) * 1e3:.0f}ms" if self.t_first else "-"
         return {"rid": self.rid, "mode": self.req.config.mode, "prompt": f"{self.prompt_tokens['base']}+"
                 f"{self.prompt_tokens['nudger']}", "completion": self.choice.tokens,
-                "nudged": self.choice.nudged_tokens, "finish": self.choice.finish_reason or "aborted", "ttft": ttft}
+                "nudged": self.choice.nudged_tokens,
+                "finish": self.choice.finish_reason or ("aborted" if self.started else "refused"), "ttft": ttft}
 
 
 async def until_disconnect(request: Request, aw):
