@@ -61,7 +61,6 @@ class RequestEngine:
         self.requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
         self._counts = {"finished": 0, "aborted": 0}
-        self._just_retired: list[Request] = []
 
     def _word_start_table(self) -> torch.Tensor:
         size = max(lm.spec.vocab_size for lm in self.models.values())
@@ -94,8 +93,7 @@ class RequestEngine:
 
     def counts(self) -> dict:
         s = self.scheduler
-        running = sum(1 for r in s.running)
-        return {"running": running, "waiting": len(s.waiting), "finished": self._counts["finished"],
+        return {"running": len(s.running), "waiting": len(s.waiting), "finished": self._counts["finished"],
                 "aborted": self._counts["aborted"], "preempted": s.preempted_total}
 
     def stop_ids_for(self, config: NudgeConfig) -> list[int]:
@@ -110,12 +108,9 @@ class RequestEngine:
     def step(self) -> list[RequestOutput]:
         """One scheduling round: aborts, page growth (preempting if short), admission, prefill
         chunks, one decode round per group, retirement. Returns the deltas."""
-        outputs: list[RequestOutput] = []
-        changed: list[Request] = []
         with torch.inference_mode():
-            for req in [r for r in self.requests.values() if r.abort_requested]:
+            for req in [r for r in self.requests.values() if r.abort_requested and not r.finished]:
                 self._retire(req, Status.ABORTED, "abort")
-                changed.append(req)
             self._grow_running()
             admitted = self.scheduler.admit(self._first_need)
             for req in admitted:
@@ -129,30 +124,25 @@ class RequestEngine:
             for g in list(self.runner.groups.values()):
                 if len(g.batch):
                     # no more steps than the longest remaining answer needs (each step or round
-                    # emits at least one token per running row)
+                    # emits at least one token per running row); one step when a row has not yet
+                    # written anything, so its first token streams out right after its prefill
                     left = max(r.config.max_new_tokens - len(r.tokens) for r in g.batch.requests)
-                    self.runner.run_round(g, max(1, min(self.runner.steps_per_round(g.K), left)))
+                    fresh = any(not r.tokens for r in g.batch.requests)
+                    steps = 1 if fresh else min(self.runner.steps_per_round(g.K), left)
+                    self.runner.run_round(g, max(1, steps))
                     for req in self.runner.collect(g):
                         self._retire(req, Status.FINISHED, req.finish_reason)
-                    changed.extend(g.batch.requests)
             if self.crossvocab_runner is not None:
-                ended = self.crossvocab_runner.run_round()
-                changed.extend(self.crossvocab_runner.requests())
-                for req in ended:
+                for req in self.crossvocab_runner.run_round():
                     self._retire(req, Status.FINISHED, req.finish_reason)
-                    changed.append(req)
-        changed.extend(r for r in self._just_retired)
-        self._just_retired = []
-        seen = set()
-        for req in changed:
-            if req.id in seen:
-                continue
-            seen.add(req.id)
+        # every request says what is new (waiting ones: nothing); finished ones leave after saying it
+        outputs = []
+        for req in list(self.requests.values()):
             out = req.delta()
             if out is not None:
                 outputs.append(out)
             if req.finished:
-                self.requests.pop(req.id, None)
+                del self.requests[req.id]
         return outputs
 
     # ---- internals ---------------------------------------------------------------------------
@@ -169,10 +159,9 @@ class RequestEngine:
         self.scheduler.remove(req)
         req.status, req.finish_reason = status, reason
         self._counts["finished" if status == Status.FINISHED else "aborted"] += 1
-        self._just_retired.append(req)
 
     def _fold_spec_stats(self, req: Request) -> None:
-        c = getattr(req, "spec_counters", None)
+        c = req.spec_counters
         if c:
             acc = req.row_stats
             for k in ("rounds", "drafted", "accepted"):

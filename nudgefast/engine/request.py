@@ -85,6 +85,7 @@ class Request:
     pieces: list[tuple[str, bool]] = field(default_factory=list)  # all text pieces given out
     crossvocab_row: object = None        # the text-level path's per-row state
     row_stats: dict = field(default_factory=dict)  # per-request statistics from the runner
+    spec_counters: dict | None = None    # the speculation counters of its current row (runner.collect)
 
     def __post_init__(self):
         self.text = IncrementalText(self.tokenizer)
