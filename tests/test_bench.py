@@ -423,5 +423,7 @@ def test_native_kernel_isa_says_what_runs():
     assert forced == "portable"
     here = bench.native_kernel_isa()
     flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").is_file() else []
-    if "NUDGEFAST_PORTABLE_KERNELS" not in os.environ:
-        assert here["block_linear"] == ("avx2+fma" if "avx2" in flags and "fma" in flags else "portable")
+    if not {"NUDGEFAST_PORTABLE_KERNELS", "NUDGEFAST_BLOCK_KERNEL"} & set(os.environ):
+        avx512 = all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma"))
+        expected = "avx512" if avx512 else "avx2+fma" if "avx2" in flags and "fma" in flags else "portable"
+        assert here["block_linear"] == expected

@@ -64,6 +64,10 @@ ROWS = [
     Row("bench", ["bench", "--preset", "olmo2-tiny+tiny", "--device", "cuda"], "CUDA",
         skip="a CUDA device is present" if CUDA else None),
     Row("bench", ["bench", "--preset", "olmo2-tiny+tiny", "--base", "{tiny}"], "exactly one model source"),
+    Row("serve", ["serve", "--port", "70000"], "--port 70000 must be in [0, 65535]"),
+    Row("serve", ["serve", "--max-running", "0"], "--max-running 0 must be >= 1"),
+    Row("serve", ["serve", "--device", "tpu"], "cpu or cuda"),
+    Row("serve", ["serve", "--base", "{missing}", "--nudger", "{tiny}"], "does not exist", config=False),
     Row("(none)", [], "the following arguments are required"),
     Row("(none)", ["frobnicate"], "invalid choice: 'frobnicate'"),
 ]

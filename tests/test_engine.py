@@ -251,13 +251,13 @@ def test_crossvocab_schedule_equals_solo_runs(tmp_path):
     # room for two requests at admission (prompt + 16) but not for both to grow: preemption
     longest = max(len(p) for p in base_prompts + nudger_prompts)
     busy = nf.NudgingEngine(base=solo.base.dir, nudger=solo.nudger.dir, page_size=4,
-                            kv_cache_tokens=2 * (longest + 16) + 8, max_running=6)
+                            kv_cache_tokens=2 * (longest + 16) + 4, max_running=6)
     rng = random.Random(3)
     requests = []
     for i in range(12):
         k = rng.randrange(len(QUESTIONS))
         sampled = rng.random() < 0.5
-        cfg = nf.NudgeConfig(threshold=spec[6], max_new_tokens=rng.randint(8, 24),
+        cfg = nf.NudgeConfig(threshold=spec[6], max_new_tokens=rng.randint(16, 40),
                              temperature=0.8 if sampled else 0.0, seed=rng.randrange(1000) if sampled else None)
         requests.append((cfg, base_prompts[k], nudger_prompts[k]))
     results = run_schedule(busy, requests, rng, abort_share=0.1)

@@ -5,6 +5,8 @@ import argparse
 import logging
 import sys
 
+from ..errors import MissingPackage
+
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", help="base model directory (default: the offline demo pair)")
@@ -58,9 +60,8 @@ def run_server(args, engine) -> int:
 
         from .app import ServerLimits, create_app
     except ImportError as e:
-        print(f"nudgefast: error: `nudgefast serve` needs the serve extra ({e.name} is missing): "
-              "pip install -e '.[serve]'", file=sys.stderr)
-        return 2
+        raise MissingPackage(f"`nudgefast serve` needs the serve extra ({e.name} is missing): "
+                             "pip install -e '.[serve]'") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     limits = ServerLimits(max_body_bytes=args.max_body_bytes, max_pending=args.max_pending,
                           default_max_tokens=args.max_tokens_default)
