@@ -1,6 +1,6 @@
 """Test oracles for the two pieces of the nudging rule that come from files, written straight from
-DESIGN.md section 1 and independent of the engine's code (nudgefast/tokenizer.py, decode.py,
-crossvocab.py): a test that builds its expectations with the engine's own helpers cannot see a
+DESIGN.md section 1 and independent of the engine's code (nudgefast/tokenizer.py, engine/,
+runner/crossvocab.py): a test that builds its expectations with the engine's own helpers cannot see a
 mistake in them.
 
 - word starts: a token whose vocabulary string begins with "Ġ", "▁" or " "; ids past the
