@@ -249,11 +249,16 @@ def cmd_convert(args) -> int:
 def cmd_serve(args) -> int:
     from .serve.cli import check_args, engine_kwargs, run_server
 
+    from .config import load_spec
+
     try:
         check_args(args)  # before any model is located or loaded
     except (ValueError, TypeError) as e:
         raise BadValue(f"serve: {e}") from e
     check_device(args.device)
+    for d in (args.base, args.nudger):
+        if d:
+            load_spec(d)  # config.json only: a missing or unreadable directory is named here
     engine = _make_engine(args, *_resolve_models(args), **engine_kwargs(args))
     return run_server(args, engine)
 

@@ -67,7 +67,7 @@ ROWS = [
     Row("serve", ["serve", "--port", "70000"], "--port 70000 must be in [0, 65535]"),
     Row("serve", ["serve", "--max-running", "0"], "--max-running 0 must be >= 1"),
     Row("serve", ["serve", "--device", "tpu"], "cpu or cuda"),
-    Row("serve", ["serve", "--base", "{missing}", "--nudger", "{tiny}"], "does not exist", config=False),
+    Row("serve", ["serve", "--base", "{missing}", "--nudger", "{tiny}"], "does not exist"),
     Row("(none)", [], "the following arguments are required"),
     Row("(none)", ["frobnicate"], "invalid choice: 'frobnicate'"),
 ]
