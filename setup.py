@@ -37,7 +37,7 @@ setup(
     version="0.1.0",
     description="Fused, speculative decoding for nudging: a base LLM steered by a small aligned model",
     python_requires=">=3.10",
-    packages=["nudgefast", "nudgefast.bench", "nudgefast.kernels"],
+    packages=["nudgefast", "nudgefast.bench", "nudgefast.kernels", "nudgefast.parallel"],
     package_dir={"nudgefast": "nudgefast", "nudgefast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -1,0 +1,118 @@
+"""Tensor parallelism on the CPU (gloo, worker processes): a base model split N ways writes exactly
+what it writes on one device, token for token (greedy and seeded sampling, base_only and nudging at
+both granularities); a dead worker is a clear error, never a hang; no worker outlives its engine."""
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+import nudgefast as nf
+from nudgefast.config import ConfigError, load_spec
+from nudgefast.parallel.tensor import TensorParallelError, check_shardable
+from pairs import CASES, PROMPTS_BASE, PROMPTS_NUDGER, sampled, threshold
+from tiny_models import make_tiny, train_tokenizer
+
+MAX_NEW = 10
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer()
+
+
+def pair_dirs(family, root, tokenizer):
+    head_scale, nudger_seed, _ = CASES[family]
+    return (make_tiny(family, root / "base", seed=1, tokenizer=tokenizer, head_scale=head_scale),
+            make_tiny(family, root / "nudger", seed=nudger_seed, tokenizer=tokenizer, head_scale=head_scale))
+
+
+def configs(family):
+    out = [nf.NudgeConfig(mode="base_only", max_new_tokens=MAX_NEW),
+           nf.NudgeConfig(mode="base_only", max_new_tokens=MAX_NEW, temperature=0.8, seed=7)]
+    for gran in ("token", "word"):
+        out.append(nf.NudgeConfig(mode="nudging", granularity=gran, threshold=threshold(family, "top_prob", gran),
+                                  max_new_tokens=MAX_NEW))
+    out.append(nf.NudgeConfig(mode="nudging", max_new_tokens=MAX_NEW, seed=11, **sampled(family)))
+    return out
+
+
+def run_all(engine, family):
+    return [[(c.token_ids, c.from_nudger, c.finish_reason)
+             for c in engine.generate_ids(PROMPTS_BASE, PROMPTS_NUDGER, cfg)] for cfg in configs(family)]
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is gone for our purposes (reaped by join)
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("family,world", [("llama", 2), ("qwen2", 2), ("gemma2", 4)])
+def test_sharded_base_writes_what_one_device_writes(family, world, tmp_path, tokenizer):
+    # the tiny models have 4 query heads and 2 KV heads: at N = 4 each KV head sits on two ranks
+    base, nudger = pair_dirs(family, tmp_path, tokenizer)
+    one = nf.NudgingEngine(base=base, nudger=nudger, page_size=4)
+    want = run_all(one, family)
+    with nf.NudgingEngine(base=base, nudger=nudger, page_size=4, tensor_parallel_size=world) as tp:
+        assert tp.base.kv.k[0].shape[2] == max(1, 2 // world)  # rank 0 keeps only its KV heads
+        pids = [p.pid for p in tp.base.model.procs]
+        assert len(pids) == world - 1 and all(alive(p) for p in pids)
+        got = run_all(tp, family)
+    assert got == want
+    # both sources appear in the nudging cases (else the gate was not exercised)
+    assert any(any(src) and not all(src) for _, src, _ in got[2])
+    assert not any(alive(p) for p in pids)
+
+
+def test_killed_worker_is_a_clear_error(tmp_path, tokenizer):
+    base = make_tiny("llama", tmp_path / "base", seed=1, tokenizer=tokenizer)
+    engine = nf.NudgingEngine(base=base, page_size=4, tensor_parallel_size=2)
+    cfg = nf.NudgeConfig(mode="base_only", max_new_tokens=4)
+    first = engine.generate_ids(PROMPTS_BASE[:1], None, cfg)
+    assert len(first[0].token_ids) == 4
+    pid = engine.base.model.procs[0].pid
+    os.kill(pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(TensorParallelError, match="worker 1"):
+        engine.generate_ids(PROMPTS_BASE[:1], None, cfg)
+    assert time.monotonic() - t0 < 30
+    with pytest.raises(TensorParallelError, match="closed"):  # stays failed, fast
+        engine.base.model.forward(torch.zeros(1, dtype=torch.long), None, None, None)
+    engine.close()
+    assert not alive(pid)
+
+
+def test_worker_killed_inside_a_forward_is_a_clear_error(tmp_path, tokenizer):
+    # the worker dies after rank 0 checked it: the collective itself must fail, not hang
+    base = make_tiny("llama", tmp_path / "base", seed=1, tokenizer=tokenizer)
+    engine = nf.NudgingEngine(base=base, page_size=4, tensor_parallel_size=2)
+    model = engine.base.model
+    model._dead = lambda: None  # hide the exit code: only the collective can notice
+    os.kill(model.procs[0].pid, signal.SIGKILL)
+    model.procs[0].join()
+    t0 = time.monotonic()
+    with pytest.raises(TensorParallelError, match="collective failed"):
+        engine.generate_ids(PROMPTS_BASE[:1], None, nf.NudgeConfig(mode="base_only", max_new_tokens=3))
+    assert time.monotonic() - t0 < 30
+    engine.close()
+
+
+def test_unshardable_shapes_are_refused(tmp_path, tokenizer):
+    base = make_tiny("llama", tmp_path / "base", seed=1, tokenizer=tokenizer)
+    spec = load_spec(base)
+    with pytest.raises(ConfigError, match="num_heads=4 is not divisible by tensor_parallel_size=3"):
+        check_shardable(spec, 3)
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        nf.NudgingEngine(base=base, tensor_parallel_size=0)
+    olmo2 = make_tiny("olmo2", tmp_path / "olmo2", seed=1, tokenizer=tokenizer)
+    with pytest.raises(ConfigError, match="OLMo-2"):
+        nf.NudgingEngine(base=olmo2, tensor_parallel_size=2)
