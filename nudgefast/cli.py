@@ -224,6 +224,7 @@ def cmd_generate(args) -> int:
             raise BadValue(f"generate: {e}") from e
         elapsed = max(time.perf_counter() - t0, 1e-9)
         results[mode] = (outs, sum(token_counts(o)[0] for o in outs) / elapsed)
+    engine.close()  # tensor-parallel workers stop here, not at interpreter exit
     color = sys.stdout.isatty() and not args.json
     for i, question in enumerate(prompts):
         if len(prompts) > 1 and not args.json:

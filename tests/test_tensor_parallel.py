@@ -35,6 +35,9 @@ def configs(family):
         out.append(nf.NudgeConfig(mode="nudging", granularity=gran, threshold=threshold(family, "top_prob", gran),
                                   max_new_tokens=MAX_NEW))
     out.append(nf.NudgeConfig(mode="nudging", max_new_tokens=MAX_NEW, seed=11, **sampled(family)))
+    # speculation: the base's verify forward over the drafted tokens is sharded like any forward
+    out.append(nf.NudgeConfig(mode="nudging", granularity="token", threshold=threshold(family, "top_prob", "token"),
+                              max_new_tokens=MAX_NEW, speculate=2))
     return out
 
 
@@ -116,3 +119,54 @@ def test_unshardable_shapes_are_refused(tmp_path, tokenizer):
     olmo2 = make_tiny("olmo2", tmp_path / "olmo2", seed=1, tokenizer=tokenizer)
     with pytest.raises(ConfigError, match="OLMo-2"):
         nf.NudgingEngine(base=olmo2, tensor_parallel_size=2)
+
+
+def test_cli_tensor_parallel_size(tmp_path, tokenizer, capsys):
+    import json
+
+    from nudgefast.cli import main
+
+    base = make_tiny("qwen2", tmp_path / "base", seed=1, tokenizer=tokenizer, head_scale=7.5)
+    argv = ["generate", "--base", str(base), "--mode", "base_only", "--prompt", "Bake bread?", "--max-new-tokens",
+            "6", "--json"]
+    outs = []
+    for n in ("1", "2"):
+        capsys.readouterr()
+        assert main(argv + ["--tensor-parallel-size", n]) == 0
+        outs.append(json.loads(capsys.readouterr().out.splitlines()[0])["token_ids"])
+    assert outs[1] == outs[0] and len(outs[0]) == 6
+    assert main(argv + ["--tensor-parallel-size", "0"]) == 2
+    assert "--tensor-parallel-size must be >= 1" in capsys.readouterr().err
+
+
+TORCHRUN_SCRIPT = """
+import json, sys
+import nudgefast as nf
+from nudgefast.parallel.tensor import launched_by_torchrun
+assert launched_by_torchrun()
+engine = nf.NudgingEngine(base=sys.argv[1], page_size=4, tensor_parallel_size=2)  # ranks > 0 serve, then exit
+outs = engine.generate_ids(json.loads(sys.argv[2]), None, nf.NudgeConfig(mode="base_only", max_new_tokens=6))
+engine.close()
+print("TOKENS", json.dumps([o.token_ids for o in outs]))
+"""
+
+
+def test_torchrun_initialises_from_the_environment(tmp_path, tokenizer):
+    import json
+    import subprocess
+    import sys
+
+    base = make_tiny("llama", tmp_path / "base", seed=1, tokenizer=tokenizer)
+    with nf.NudgingEngine(base=base, page_size=4) as one:
+        want = [o.token_ids for o in one.generate_ids(PROMPTS_BASE, None,
+                                                      nf.NudgeConfig(mode="base_only", max_new_tokens=6))]
+    script = tmp_path / "run.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), str(base), json.dumps(PROMPTS_BASE)], capture_output=True, text=True,
+                          timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("TOKENS")]
+    assert len(lines) == 1  # rank 1 never got past the constructor
+    assert json.loads(lines[0][len("TOKENS "):]) == want

@@ -26,6 +26,7 @@ collective times out after `timeout` seconds), never a hang.
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
 import traceback
 import weakref
@@ -203,26 +204,42 @@ def _unpack(buf: torch.Tensor, h: dict):
 # ----------------------------------------------------------------------------- workers
 
 
-def _worker(rank, world, port, model_dir, device, dtype, backend_kind, conn, timeout):
-    try:
-        device = torch.device(device)
-        if device.type == "cuda":
-            torch.cuda.set_device(rank)
-            device = torch.device("cuda", rank)
-        torch.set_num_threads(max(1, torch.get_num_threads() // world))
-        store = dist.TCPStore("127.0.0.1", port, world, False, timedelta(seconds=timeout))
-        pg = _process_group(store, rank, world, device, timeout)
-        spec, model = _build(model_dir, rank, world, device, dtype, backend_kind, pg)
-        conn.send(("ready", None))
-    except BaseException:  # report why to rank 0, which raises it
-        conn.send(("error", traceback.format_exc()))
-        return
+class _PipeChannel:
+    """Spawned workers: the forward's header comes down a host pipe, which also tells the worker
+    when the engine is gone (EOF)."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def recv(self):
+        try:
+            return self.conn.recv()
+        except (EOFError, OSError):  # the engine closed or died: nothing more will come
+            return None
+
+
+class _CollectiveChannel:
+    """torchrun: the header is broadcast over a gloo group of its own with a long timeout (an idle
+    engine leaves the workers waiting here), apart from the forward's collectives, which time out."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def send(self, header) -> None:
+        t = torch.tensor([0] * (len(HEADER) + 1) if header is None else [1, *header], dtype=torch.int64)
+        dist.broadcast(t, 0, group=self.group)
+
+    def recv(self):
+        t = torch.empty(len(HEADER) + 1, dtype=torch.int64)
+        dist.broadcast(t, 0, group=self.group)
+        return None if int(t[0]) == 0 else tuple(t[1:].tolist())
+
+
+def _serve(model, pg, channel, device, dtype) -> None:
+    """A worker's loop: one mirrored forward per header, until the channel says stop."""
     kv = None
     while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):  # the engine closed or died: nothing more will come
-            return
+        msg = channel.recv()
         if msg is None:
             return
         h = dict(zip(HEADER, msg))
@@ -238,13 +255,40 @@ def _worker(rank, world, port, model_dir, device, dtype, backend_kind, conn, tim
             return
 
 
+def _worker(rank, world, port, model_dir, device, dtype, backend_kind, conn, timeout):
+    try:
+        device = torch.device(device)
+        if device.type == "cuda":
+            torch.cuda.set_device(rank)
+            device = torch.device("cuda", rank)
+        torch.set_num_threads(max(1, torch.get_num_threads() // world))
+        store = dist.TCPStore("127.0.0.1", port, world, False, timedelta(seconds=timeout))
+        pg = _process_group(store, rank, world, device, timeout)
+        spec, model = _build(model_dir, rank, world, device, dtype, backend_kind, pg)
+        conn.send(("ready", None))
+    except BaseException:  # report why to rank 0, which raises it
+        conn.send(("error", traceback.format_exc()))
+        return
+    _serve(model, pg, _PipeChannel(conn), device, dtype)
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _shutdown(procs, conns, pg_holder) -> None:
+def _shutdown(procs, conns, pg_holder, control) -> None:
+    for ch in control:  # torchrun: tell the other ranks to stop serving
+        try:
+            ch.send(None)
+        except (OSError, RuntimeError, ValueError):
+            pass
+    control.clear()
     for c in conns:
         try:
             c.send(None)
@@ -279,11 +323,15 @@ class ShardedModel:
         self.dtype = dtype or default_dtype(self.spec, device)
         self.kv_spec = local_spec(self.spec, world)
         self.broken: str | None = None
+        self.procs, self.conns = [], []
+        self._pg, self._control = [], []  # held in lists so the finalizer can drop them
+        self._finalizer = weakref.finalize(self, _shutdown, self.procs, self.conns, self._pg, self._control)
+        self.backend = backend
+        if launched_by_torchrun():
+            self._from_environment(model_dir, device, backend, world, timeout)
+            return
         port = _free_port()
         ctx = torch.multiprocessing.get_context("spawn")
-        self.procs, self.conns = [], []
-        self._pg = []  # held in a list so the finalizer can drop it
-        self._finalizer = weakref.finalize(self, _shutdown, self.procs, self.conns, self._pg)
         for r in range(1, world):
             parent, child = ctx.Pipe()
             p = ctx.Process(target=_worker, args=(r, world, port, model_dir, str(device), self.dtype, backend.kind,
@@ -309,7 +357,28 @@ class ShardedModel:
             if isinstance(e, TensorParallelError):
                 raise
             raise TensorParallelError(f"tensor-parallel start-up failed: {self._dead() or e}") from e
-        self.backend = backend
+
+    def _from_environment(self, model_dir, device, backend, world, timeout) -> None:
+        """Under torchrun every rank runs the user's script: rank 0 goes on as the engine, the
+        others serve the mirrored forwards here and end their process when rank 0 closes."""
+        rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if size != world:
+            raise ConfigError(f"torchrun started {size} processes but tensor_parallel_size={world}")
+        if device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+            torch.cuda.set_device(self.device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout))
+        pg = dist.group.WORLD
+        control = _CollectiveChannel(dist.new_group(backend="gloo", timeout=timedelta(days=30)))
+        self.spec, self.model = _build(model_dir, rank, world, self.device, self.dtype, backend.kind, pg)
+        if rank == 0:
+            self._pg.append(pg)
+            self._control.append(control)
+            return
+        _serve(self.model, pg, control, self.device, self.dtype)
+        dist.destroy_process_group()
+        raise SystemExit(0)
 
     def _dead(self) -> str | None:
         for r, p in enumerate(self.procs, 1):
@@ -335,6 +404,8 @@ class ShardedModel:
         try:
             for c in self.conns:
                 c.send(header)
+            for ch in self._control:
+                ch.send(header)
             self._pg[0].broadcast(_pack(input_ids, positions, meta, logits_indices), 0).wait()
             return self.model.forward(input_ids, positions, meta, kv, logits_indices=logits_indices)
         except (OSError, RuntimeError) as e:

@@ -1,0 +1,45 @@
+"""Tokens/s of the base model at tensor_parallel_size 1 and N on this machine (base_only, greedy),
+with the outputs checked equal token for token. Usage:
+    .venv/bin/python scripts/bench_tp.py MODEL_DIR [N=2] [NEW_TOKENS=32]
+Each size runs in its own engine; the first generate warms up, the second is timed. The per-step
+communication is reported from the model's shapes: per forward and rank, 2 all-reduces of [T, hidden]
+per layer + 1 for the embedding, and an all-gather of [rows, ceil(V / N)] logits."""
+import sys
+import time
+
+import torch
+
+import nudgefast as nf
+from nudgefast.config import load_spec
+
+
+def run(model_dir, n, new_tokens):
+    engine = nf.NudgingEngine(base=model_dir, tensor_parallel_size=n)
+    cfg = nf.NudgeConfig(mode="base_only", max_new_tokens=new_tokens, stop_token_ids=[])
+    prompt = [[2] + list(range(1000, 1032))]
+    engine.generate_ids(prompt, None, nf.NudgeConfig(mode="base_only", max_new_tokens=4))
+    t0 = time.perf_counter()
+    out = engine.generate_ids(prompt, None, cfg)[0]
+    dt = time.perf_counter() - t0
+    engine.close()
+    return out.token_ids, len(out.token_ids) / dt
+
+
+def main():
+    model_dir = sys.argv[1]
+    n = int(sys.argv[2]) if len(sys.argv) > 2 else 2
+    new_tokens = int(sys.argv[3]) if len(sys.argv) > 3 else 32
+    spec = load_spec(model_dir)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, model {model_dir}")
+    ids1, tps1 = run(model_dir, 1, new_tokens)
+    idsn, tpsn = run(model_dir, n, new_tokens)
+    elems = (2 * spec.num_layers + 1) * spec.hidden_size
+    print(f"N=1: {tps1:.2f} tokens/s; N={n}: {tpsn:.2f} tokens/s; ratio {tpsn / tps1:.2f}; "
+          f"same tokens: {ids1 == idsn} ({len(ids1)} tokens)")
+    print(f"per decode step and rank: {2 * spec.num_layers + 1} all-reduces of {spec.hidden_size} floats "
+          f"({elems * 4} bytes fp32) + an all-gather of {-(-spec.vocab_size // n)} logits "
+          f"({-(-spec.vocab_size // n) * 4} bytes fp32 per rank)")
+
+
+if __name__ == "__main__":
+    main()
