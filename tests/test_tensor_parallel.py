@@ -170,3 +170,19 @@ def test_torchrun_initialises_from_the_environment(tmp_path, tokenizer):
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("TOKENS")]
     assert len(lines) == 1  # rank 1 never got past the constructor
     assert json.loads(lines[0][len("TOKENS "):]) == want
+
+
+@pytest.mark.parametrize("family,world", [("llama", 2), ("qwen2", 4), ("gemma3", 4), ("olmo", 2)])
+def test_each_rank_reads_only_its_shard(family, world, tmp_path, tokenizer):
+    # read_shard (slices from the safetensors files) equals sharding the whole fused state dict
+    from nudgefast.loader import fused_state_dict, read_tensors
+    from nudgefast.parallel.tensor import read_shard, shard_weights
+
+    model_dir = make_tiny(family, tmp_path / "m", seed=3, tokenizer=tokenizer)
+    spec = load_spec(model_dir)
+    for rank in range(world):
+        want = shard_weights(spec, fused_state_dict(spec, read_tensors(model_dir), torch.float32), rank, world)
+        got = read_shard(model_dir, spec, rank, world, torch.float32)
+        assert sorted(got) == sorted(want)
+        for k in want:
+            assert torch.equal(got[k], want[k]), (rank, k)

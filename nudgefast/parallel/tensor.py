@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import time
 import traceback
 import weakref
 from datetime import timedelta
@@ -159,14 +160,59 @@ def _process_group(store, rank: int, world: int, device: torch.device, timeout: 
     return dist.ProcessGroupGloo(store, rank, world, timedelta(seconds=timeout))
 
 
+def read_shard(model_dir: str | Path, spec: ModelSpec, rank: int, world: int, dtype: torch.dtype):
+    """This rank's shard as fused_state_dict gives it, reading only the shard's slices from the
+    safetensors files (safe_open(...).get_slice): no rank ever holds the whole model.
+    Equal to shard_weights(spec, fused_state_dict(spec, whole checkpoint), rank, world)."""
+    from safetensors import safe_open
+
+    from ..loader import _strip_prefix, checkpoint_files, fused_state_dict
+
+    D, I = spec.head_dim, spec.intermediate_size
+    hq, i_per = spec.num_heads // world, I // world
+    kv = kv_heads_of(spec, rank, world)
+    lo, hi = shard_bounds(spec.vocab_size, world)[rank]
+    per = -(-spec.vocab_size // world)
+    rows = {"q_proj": (rank * hq * D, (rank + 1) * hq * D), "k_proj": (kv.start * D, kv.stop * D),
+            "v_proj": (kv.start * D, kv.stop * D), "gate_proj": (rank * i_per, (rank + 1) * i_per),
+            "up_proj": (rank * i_per, (rank + 1) * i_per)}
+    cols = {"o_proj": rows["q_proj"], "down_proj": rows["gate_proj"]}
+    raw = {}
+    for path in checkpoint_files(Path(model_dir)):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    parts = _strip_prefix(name).split(".")
+                    proj, kind = (parts[-2], parts[-1]) if len(parts) >= 2 else ("", "")
+                    sl = f.get_slice(name)
+                    if proj in rows:
+                        a, b = rows[proj]
+                        t = sl[a:b]
+                    elif proj in cols and kind == "weight":
+                        a, b = cols[proj]
+                        t = sl[:, a:b]
+                    elif proj in cols:  # a row-parallel bias: added once, on rank 0
+                        t = sl[:] if rank == 0 else torch.zeros_like(sl[:])
+                    elif proj in ("embed_tokens", "lm_head"):
+                        mine = sl[lo:hi]
+                        t = torch.zeros(per, mine.shape[1], dtype=mine.dtype)  # the last shard is padded
+                        t[: hi - lo] = mine
+                    else:
+                        t = f.get_tensor(name)
+                    raw[name] = t
+        except ConfigError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise ConfigError(f"cannot read {path}: {e}") from None
+    return fused_state_dict(dataclasses.replace(local_spec(spec, world), vocab_size=per), raw, dtype)
+
+
 def _build(model_dir: str, rank: int, world: int, device: torch.device, dtype: torch.dtype, backend_kind: str, pg):
-    from ..loader import fused_state_dict, read_tensors
     from ..model import Transformer
     from ..ops import Backend
 
     spec = load_spec(model_dir)
-    # TODO(item 4 of issue 15): read only this rank's slices from the safetensors files
-    w = shard_weights(spec, fused_state_dict(spec, read_tensors(Path(model_dir)), dtype), rank, world)
+    w = read_shard(model_dir, spec, rank, world, dtype)
     # for_device loads the native ops library where rank 0 uses it (a fresh process has not yet)
     backend = Backend("triton") if backend_kind == "triton" else Backend.for_device(device, backend_kind == "native")
     model = Transformer(local_spec(spec, world), w, device, dtype, backend)
@@ -386,6 +432,15 @@ class ShardedModel:
                 return f"tensor-parallel worker {r} (pid {p.pid}) exited with code {p.exitcode}"
         return None
 
+    def _dead_soon(self, wait: float = 2.0) -> str | None:
+        """After a failed collective: a worker that just died may not be reaped yet; name it if so."""
+        deadline = time.monotonic() + wait
+        while True:
+            dead = self._dead()
+            if dead or time.monotonic() > deadline or not self.procs:
+                return dead
+            time.sleep(0.05)
+
     def _fail(self, why: str):
         self.broken = why
         self.close()
@@ -409,7 +464,7 @@ class ShardedModel:
             self._pg[0].broadcast(_pack(input_ids, positions, meta, logits_indices), 0).wait()
             return self.model.forward(input_ids, positions, meta, kv, logits_indices=logits_indices)
         except (OSError, RuntimeError) as e:
-            self._fail(f"{self._dead() or 'a tensor-parallel collective failed'} ({type(e).__name__}: "
+            self._fail(f"{self._dead_soon() or 'a tensor-parallel collective failed'} ({type(e).__name__}: "
                        f"{str(e).splitlines()[0] if str(e) else ''})")
 
     def close(self) -> None:
