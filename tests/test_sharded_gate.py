@@ -85,3 +85,53 @@ def test_shard_bounds_cover_the_vocabulary():
         assert b[0][0] == 0 and b[-1][1] == V and all(b[i][1] == b[i + 1][0] for i in range(N - 1))
     with pytest.raises(ValueError, match="ranks"):
         shard_bounds(10, 0)
+
+
+def _rank(rank, world, port, x, points, seed, step, inv_temp, mode, out):
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from nudgefast.parallel.sharded_gate import sharded_candidates
+
+    store = dist.TCPStore("127.0.0.1", port, world, rank == 0, timedelta(seconds=30))
+    pg = dist.ProcessGroupGloo(store, rank, world, timedelta(seconds=30))
+    a, b = points[rank], points[rank + 1]
+    out[rank] = [t.clone() for t in sharded_candidates(x[:, a:b], a, seed, step, 1, inv_temp, mode, pg)]
+
+
+def test_sharded_candidates_over_gloo():
+    # the same reduction through a real all-gather between processes: every rank gets the unsharded answer
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    g = torch.Generator().manual_seed(5)
+    B, V, world = 4, 301, 3
+    x = torch.randn(B, V, generator=g) * 3
+    x[0, 0] = x[0, 250] = 50.0  # a tie across ranks
+    seed, step = torch.arange(B, dtype=torch.int64) * 7919, torch.arange(B) + 3
+    inv_temp = torch.full((B,), 1.5)
+    mode = torch.tensor([SAMPLE_GREEDY, SAMPLE_GUMBEL, SAMPLE_GUMBEL, SAMPLE_GUMBEL], dtype=torch.int32)
+    points = [0, 120, 121, V]
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        out = manager.dict()
+        procs = [ctx.Process(target=_rank, args=(r, world, port, x, points, seed, step, inv_temp, mode, out))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=120)
+        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+        results = [out[r] for r in range(world)]
+    ref = sample_rows_ref(x, seed, step, 1, inv_temp, torch.ones(B), mode)
+    p_ref, h_ref = base_stats_ref(x)
+    for p_top, entropy, greedy, gumbel in results:
+        assert greedy[0] == 0
+        assert torch.equal(torch.where(mode == SAMPLE_GREEDY, greedy, gumbel), ref)
+        torch.testing.assert_close(p_top, p_ref, rtol=2e-6, atol=1e-7)
+        torch.testing.assert_close(entropy, h_ref, rtol=2e-5, atol=2e-6)

@@ -102,12 +102,11 @@ def shard_bounds(vocab: int, ranks: int) -> list[tuple[int, int]]:
     return [(min(r * per, vocab), min((r + 1) * per, vocab)) for r in range(ranks)]
 
 
-def sharded_candidates(local_logits: torch.Tensor, offset: int, seed, step, stream: int, inv_temp, mode, group=None):
-    """On every rank of `group`: (p_top, entropy, greedy, gumbel) of the whole vocabulary, from one
-    all-gather of [B, NUM_STATS] numbers. local_logits holds this rank's real columns only (no padding)."""
-    import torch.distributed as dist
-
+def sharded_candidates(local_logits: torch.Tensor, offset: int, seed, step, stream: int, inv_temp, mode, pg):
+    """On every rank of the process group object `pg` (as parallel/tensor.py builds): (p_top, entropy,
+    greedy, gumbel) of the whole vocabulary, from one all-gather of [B, NUM_STATS] numbers.
+    local_logits holds this rank's real columns only (no padding columns)."""
     mine = shard_stats(local_logits, offset, seed, step, stream, inv_temp, mode)
-    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, mine, group=group)
+    parts = [torch.empty_like(mine) for _ in range(pg.size())]
+    pg.allgather([parts], [mine]).wait()
     return combine_stats(torch.stack(parts))

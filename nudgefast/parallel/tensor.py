@@ -144,9 +144,16 @@ class Collectives:
         return self.all_reduce(h * mine.unsqueeze(1).to(h.dtype))
 
     def gather_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0 gets the whole [rows, V] logits (the gate runs there); a worker only sends its
+        shard and gets it back (its forward's result is never read)."""
         x = x.contiguous()
+        opts = dist.GatherOptions()
+        opts.rootRank = 0
+        if self.rank:
+            self.pg.gather([], [x], opts).wait()
+            return x
         parts = [torch.empty_like(x) for _ in range(self.world)]
-        self.pg.allgather([parts], [x]).wait()
+        self.pg.gather([parts], [x], opts).wait()
         return torch.cat(parts, dim=-1)[:, : self.vocab]
 
 
