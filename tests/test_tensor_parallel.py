@@ -186,3 +186,52 @@ def test_each_rank_reads_only_its_shard(family, world, tmp_path, tokenizer):
         assert sorted(got) == sorted(want)
         for k in want:
             assert torch.equal(got[k], want[k]), (rank, k)
+
+
+ORPHAN_SCRIPT = """
+import os, signal, sys
+import nudgefast as nf
+if __name__ == "__main__":
+    engine = nf.NudgingEngine(base=sys.argv[1], page_size=4, tensor_parallel_size=2)
+    engine.generate_ids([[5, 6, 7]], None, nf.NudgeConfig(mode="base_only", max_new_tokens=2))
+    print("PIDS", *[p.pid for p in engine.base.model.procs], flush=True)
+    os.kill(os.getpid(), signal.SIGKILL if sys.argv[2] == "kill" else signal.SIGTERM)
+"""
+
+UNGUARDED_SCRIPT = """
+import sys
+import nudgefast as nf
+nf.NudgingEngine(base=sys.argv[1], page_size=4, tensor_parallel_size=2)
+"""
+
+
+def test_unguarded_script_fails_fast_with_a_hint(tmp_path, tokenizer):
+    import subprocess
+    import sys
+
+    base = make_tiny("llama", tmp_path / "base", seed=1, tokenizer=tokenizer)
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED_SCRIPT)
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, str(script), str(base)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "if __name__ == '__main__':" in proc.stderr and "TensorParallelError" in proc.stderr
+    assert time.monotonic() - t0 < 50  # not the 60 s start-up timeout
+
+
+@pytest.mark.parametrize("how", ["kill", "term"])
+def test_workers_end_when_the_engine_process_dies(how, tmp_path, tokenizer):
+    # the engine's process is killed without closing anything: its workers see the pipe close and exit
+    import subprocess
+    import sys
+
+    base = make_tiny("llama", tmp_path / "base", seed=1, tokenizer=tokenizer)
+    script = tmp_path / "orphan.py"
+    script.write_text(ORPHAN_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(base), how], capture_output=True, text=True, timeout=120)
+    pids = [int(p) for ln in proc.stdout.splitlines() if ln.startswith("PIDS") for p in ln.split()[1:]]
+    assert len(pids) == 1, proc.stderr[-2000:]
+    deadline = time.monotonic() + 20
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in pids)

@@ -309,6 +309,7 @@ def _serve(model, pg, channel, device, dtype) -> None:
 
 
 def _worker(rank, world, port, model_dir, device, dtype, backend_kind, conn, timeout):
+    conn.send(("started", None))  # the spawn bootstrap (re-importing the main module) went through
     try:
         device = torch.device(device)
         if device.type == "cuda":
@@ -394,15 +395,15 @@ class ShardedModel:
             self.procs.append(p)
             self.conns.append(parent)
         try:
+            for r, (p, c) in enumerate(zip(self.procs, self.conns), 1):
+                self._await(r, p, c, "started", timeout)
             store = dist.TCPStore("127.0.0.1", port, world, True, timedelta(seconds=timeout))
             pg = _process_group(store, 0, world, self.device, timeout)
             self._pg.append(pg)
             self._store = store
             self.spec, self.model = _build(model_dir, 0, world, self.device, self.dtype, backend.kind, pg)
-            for r, c in enumerate(self.conns, 1):
-                if not c.poll(timeout):
-                    raise TensorParallelError(f"tensor-parallel worker {r} did not start within {timeout:.0f} s")
-                status, detail = c.recv()
+            for r, (p, c) in enumerate(zip(self.procs, self.conns), 1):
+                status, detail = self._await(r, p, c, "ready", timeout)
                 if status != "ready":
                     raise TensorParallelError(f"tensor-parallel worker {r} failed to load {model_dir}:\n{detail}")
         except BaseException as e:
@@ -410,6 +411,20 @@ class ShardedModel:
             if isinstance(e, TensorParallelError):
                 raise
             raise TensorParallelError(f"tensor-parallel start-up failed: {self._dead() or e}") from e
+
+    @staticmethod
+    def _await(r, p, c, what, timeout):
+        """The worker's next start-up message, failing fast (not after `timeout`) if it exits first."""
+        deadline = time.monotonic() + timeout
+        while not c.poll(0.1):
+            if p.exitcode is not None:
+                hint = ("; a script that creates the engine at import time needs `if __name__ == '__main__':` "
+                        "(workers are spawned: they re-import the main module)") if what == "started" else ""
+                raise TensorParallelError(f"tensor-parallel worker {r} (pid {p.pid}) exited with code {p.exitcode} "
+                                          f"during start-up{hint}")
+            if time.monotonic() > deadline:
+                raise TensorParallelError(f"tensor-parallel worker {r} sent no '{what}' within {timeout:.0f} s")
+        return c.recv()
 
     def _from_environment(self, model_dir, device, backend, world, timeout) -> None:
         """Under torchrun every rank runs the user's script: rank 0 goes on as the engine, the
