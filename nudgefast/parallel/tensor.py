@@ -496,11 +496,3 @@ class ShardedModel:
     @property
     def closed(self) -> bool:
         return not self._finalizer.alive
-
-
-def worker_pids(model: ShardedModel) -> list[int]:
-    return [p.pid for p in model.procs]
-
-
-__all__ = ["ShardedModel", "TensorParallelError", "check_shardable", "shard_weights", "local_spec", "Collectives",
-           "DEFAULT_TIMEOUT"]
