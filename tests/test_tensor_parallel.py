@@ -59,7 +59,7 @@ def alive(pid):
         return False
 
 
-@pytest.mark.parametrize("family,world", [("llama", 2), ("qwen2", 2), ("gemma2", 4)])
+@pytest.mark.parametrize("family,world", [("llama", 2), ("qwen2", 2), ("gemma2", 4), ("gemma3", 2), ("olmo", 4)])
 def test_sharded_base_writes_what_one_device_writes(family, world, tmp_path, tokenizer):
     # the tiny models have 4 query heads and 2 KV heads: at N = 4 each KV head sits on two ranks
     base, nudger = pair_dirs(family, tmp_path, tokenizer)
