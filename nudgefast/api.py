@@ -23,9 +23,17 @@ class LoadedModel:
     """One model in the engine: weights, tokenizer (optional for generate_ids) and its page pool."""
 
     def __init__(self, name: str, model_dir: str | Path, device: torch.device, dtype: torch.dtype | None,
-                 backend: Backend, kv_cache_tokens: int | None, page_size: int, weights: str = "dense"):
+                 backend: Backend, kv_cache_tokens: int | None, page_size: int, weights: str = "dense",
+                 tensor_parallel_size: int = 1):
         model_dir = Path(model_dir)
-        model = Transformer.from_dir(model_dir, device, dtype, backend, weights)
+        if tensor_parallel_size > 1:  # rank 0's shard, mirrored on worker processes (parallel/tensor.py)
+            from .parallel.tensor import ShardedModel
+
+            if weights != "dense":
+                raise ConfigError(f"tensor_parallel_size > 1 needs weights='dense', got {weights!r}")
+            model = ShardedModel(model_dir, device, dtype, backend, tensor_parallel_size)
+        else:
+            model = Transformer.from_dir(model_dir, device, dtype, backend, weights)
         tokenizer = Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
         self._setup(name, model_dir, model, tokenizer, kv_cache_tokens, page_size)
 
@@ -45,7 +53,9 @@ class LoadedModel:
                 f"{name} model {self.dir}: tokenizer.json has {self.tokenizer.vocab_size} tokens but the model "
                 f"has only {self.spec.vocab_size} embedding rows: the tokenizer does not belong to this model")
         tokens = kv_cache_tokens or default_kv_tokens(model.device, self.spec, model.dtype)
-        self.kv = KVPool(self.spec, max(1, -(-tokens // page_size)), page_size, model.dtype, model.device)
+        # a sharded model keeps only its ranks' KV heads (kv_spec); the spec is the whole model's
+        kv_spec = getattr(model, "kv_spec", self.spec)
+        self.kv = KVPool(kv_spec, max(1, -(-tokens // page_size)), page_size, model.dtype, model.device)
         self.eos_ids = self._eos_ids()
 
     def _eos_ids(self) -> list[int]:
@@ -84,7 +94,8 @@ class NudgingEngine(RequestEngine):
     def __init__(self, base=None, nudger=None, device="cpu", dtype: torch.dtype | str | None = None, *,
                  kv_cache_tokens: int | None = None, page_size: int = 16, max_running: int = 64,
                  prefill_budget: int | None = None, native: bool | None = None, flag_interval: int = 16,
-                 cuda_graphs: bool = True, sync_debug: bool = False, weights: str = "dense"):
+                 cuda_graphs: bool = True, sync_debug: bool = False, weights: str = "dense",
+                 tensor_parallel_size: int = 1):
         if base is None and nudger is None:
             raise ValueError("NudgingEngine needs at least one model directory (base or nudger)")
         if isinstance(dtype, str):
@@ -99,12 +110,16 @@ class NudgingEngine(RequestEngine):
             raise ValueError(f"flag_interval={flag_interval} must be >= 1")
         if weights not in ("dense", "gguf", "gguf-q8"):
             raise ValueError(f"weights={weights!r}; expected 'dense', 'gguf' or 'gguf-q8'")
+        if type(tensor_parallel_size) is not int or tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size={tensor_parallel_size!r} must be an int >= 1")
         self.device = torch.device(device)
         self.backend = Backend.for_device(self.device, native)
         log.info("nudgefast: %s backend on %s", self.backend.kind, self.device)
         self.page_size = page_size
         self.flag_interval = flag_interval
-        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        # the sharded forward talks to its workers through a host pipe, which a graph cannot replay
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and tensor_parallel_size == 1
+        self.tensor_parallel_size = tensor_parallel_size
         self.sync_debug = sync_debug  # tests: raise on any host sync inside a decode round (CUDA)
         self.weights = weights
         if weights in ("gguf", "gguf-q8") and self.backend.kind == "torch":
@@ -115,7 +130,12 @@ class NudgingEngine(RequestEngine):
         def load(name, d):
             if d is None or isinstance(d, LoadedModel):
                 return d
-            return LoadedModel(name, d, self.device, dtype, self.backend, kv_cache_tokens, page_size, weights)
+            # only the base is sharded: the nudger is small and runs whole on rank 0
+            tp = tensor_parallel_size if name == "base" else 1
+            return LoadedModel(name, d, self.device, dtype, self.backend, kv_cache_tokens, page_size, weights, tp)
+
+        if tensor_parallel_size > 1 and (base is None or isinstance(base, LoadedModel)):
+            raise ValueError("tensor_parallel_size > 1 shards the base model: pass the base as a model directory")
 
         self.base = load("base", base)
         self.nudger = load("nudger", nudger)
@@ -125,6 +145,18 @@ class NudgingEngine(RequestEngine):
         if prefill_budget is None:
             prefill_budget = 8192 if self.device.type == "cuda" else 2048
         self._init_requests(max_running, prefill_budget)
+
+    def close(self) -> None:
+        """Release what outlives the engine object: the tensor-parallel workers (idempotent)."""
+        for lm in (self.base, self.nudger):
+            if lm is not None and hasattr(lm.model, "close"):
+                lm.model.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ---- token-level API -------------------------------------------------------------------
     def generate_ids(self, base_prompts: list[list[int]] | None = None, nudger_prompts: list[list[int]] | None = None,

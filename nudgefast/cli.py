@@ -34,6 +34,8 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
                    help="gguf: on the CPU, read linear weights from the GGUF blocks the models were converted "
                         "from (same values, ~5x fewer bytes); gguf-q8: the same with activations quantized to "
                         "int8 per block (faster, inexact); auto: gguf where every model allows it")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="split the base model across N processes (tensor parallelism; docs/PARALLEL.md)")
     p.add_argument("--json", action="store_true", help="print one JSON object per answer")
 
 
@@ -113,6 +115,11 @@ def check_generate(args, prompts, configs) -> None:
         if not q.strip():
             raise BadValue(f"generate: prompt {i} is empty")
     check_device(args.device)
+    tp = getattr(args, "tensor_parallel_size", 1)
+    if tp < 1:
+        raise BadValue(f"--tensor-parallel-size must be >= 1, got {tp}")
+    if tp > 1 and args.weights == "gguf":
+        raise BadValue("--tensor-parallel-size > 1 shards dense weights: use --weights dense (or auto)")
     if args.weights == "gguf" and (args.device != "cpu" or args.dtype not in (None, "float32")):
         raise BadValue("--weights gguf reads the GGUF blocks on the CPU in float32 only (use --device cpu and no "
                        "--dtype, or --weights dense)")
@@ -172,12 +179,15 @@ def _make_engine(args, base, nudger, **engine_kwargs):
     from . import NudgingEngine
 
     weights = args.weights
+    tp = getattr(args, "tensor_parallel_size", 1)
+    if weights == "auto" and tp > 1:
+        weights = "dense"
     if weights == "auto":
         dirs = [d for d in (base, nudger) if d]
         weights = "gguf" if gguf_weights_possible(args.device, args.dtype, dirs) else "dense"
     print(f"nudgefast: weights={weights} on {args.device}", file=sys.stderr)
     return NudgingEngine(base=base, nudger=nudger, device=args.device, dtype=args.dtype, weights=weights,
-                         **engine_kwargs)
+                         tensor_parallel_size=tp, **engine_kwargs)
 
 
 def token_counts(completion) -> tuple[int, int]:
@@ -215,6 +225,7 @@ def cmd_generate(args) -> int:
             raise BadValue(f"generate: {e}") from e
         elapsed = max(time.perf_counter() - t0, 1e-9)
         results[mode] = (outs, sum(token_counts(o)[0] for o in outs) / elapsed)
+    engine.close()  # tensor-parallel workers stop here, not at interpreter exit
     color = sys.stdout.isatty() and not args.json
     for i, question in enumerate(prompts):
         if len(prompts) > 1 and not args.json:

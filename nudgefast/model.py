@@ -36,6 +36,10 @@ class Transformer:
     def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], device: torch.device,
                  dtype: torch.dtype, backend: Backend):
         self.spec, self.device, self.dtype, self.backend = spec, device, dtype, backend
+        # Tensor parallelism (nudgefast/parallel/tensor.py): None on one device; else the shard's
+        # collectives (vocab-parallel embedding, the all-reduce after each row-parallel linear, the
+        # gather of the vocab-parallel logits). spec and weights are then this rank's shard.
+        self.tp = None
         w = {k: v.to(device) for k, v in weights.items()}
         if spec.tie_word_embeddings:
             w["lm_head"] = w["embed"]
@@ -162,7 +166,10 @@ class Transformer:
         spec = self.spec
         T = input_ids.shape[0]
         H, Hkv, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        h = self.embed.rows(input_ids) if type(self.embed) is BlockWeight else F.embedding(input_ids, self.embed)
+        if self.tp is not None:
+            h = self.tp.embed(input_ids, self.embed)
+        else:
+            h = self.embed.rows(input_ids) if type(self.embed) is BlockWeight else F.embedding(input_ids, self.embed)
         if self.embed_scale is not None:
             h = h * self.embed_scale
         ropes = self._rope_tables(positions) if self.rope_caches is None else None
@@ -188,6 +195,8 @@ class Transformer:
                 self.backend.store_kv(k, v, kv.k[i], kv.v[i], meta.slot_mapping)
             a = self.backend.attention(q, kv.k[i], kv.v[i], meta, spec.attn_scale, L["window"], spec.attn_softcap)
             a = self._linear(a.reshape(T, H * D), L["o"], L["o_bias"])
+            if self.tp is not None:
+                a = self.tp.all_reduce(a)
             h, x = self._residual(h, a, L["attn_post_norm"], pre, L["mlp_pre_norm"])
             # --- MLP block
             gate_up = self._linear(x, L["gate_up"], L["gate_up_bias"])
@@ -198,6 +207,8 @@ class Transformer:
                 act = F.silu(gate) if spec.activation == "silu" else F.gelu(gate, approximate="tanh")
                 hidden = act * up
             m = self._linear(hidden, L["down"], L["down_bias"])
+            if self.tp is not None:
+                m = self.tp.all_reduce(m)
             last = i + 1 == len(self.layers)
             h, x = self._residual(h, m, L["mlp_post_norm"], pre and not last,
                                   None if last else self.layers[i + 1]["attn_pre_norm"])
@@ -205,6 +216,8 @@ class Transformer:
             h = h[logits_indices]
         h = self._norm(h, self.final_norm)
         logits = self._linear(h, self.lm_head, None)
+        if self.tp is not None:
+            logits = self.tp.gather_logits(logits)
         if spec.final_softcap:
             logits = torch.tanh(logits / spec.final_softcap) * spec.final_softcap
         return logits
