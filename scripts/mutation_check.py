@@ -46,9 +46,10 @@ class Mutation:
 
 # the tests that cover each piece of the rule (fastest killers first: the run stops at the first failure)
 T_REF = ["tests/test_rule_edges.py", "tests/test_nudging.py"]
-T_CROSS = ["tests/test_rule_edges.py", "-k", "cross", "tests/test_crossvocab.py"]
-T_CROSS_ALL = ["tests/test_rule_edges.py", "tests/test_crossvocab.py"]
-T_TOK = ["tests/test_word_start.py", "tests/test_rule_edges.py", "tests/test_crossvocab.py"]
+T_CROSS = ["tests/test_rule_edges.py", "-k", "cross", "tests/test_crossvocab_edges.py", "tests/test_crossvocab.py"]
+T_CROSS_ALL = ["tests/test_rule_edges.py", "tests/test_crossvocab_edges.py", "tests/test_crossvocab.py"]
+T_TOK = ["tests/test_word_start.py", "tests/test_rule_edges.py", "tests/test_crossvocab_edges.py",
+         "tests/test_crossvocab.py"]
 T_GATE = ["tests/kernels/test_gate_edges.py", "tests/kernels/test_nudge_gate.py", "tests/kernels/test_spec_accept.py"]
 T_ACCEPT = ["tests/kernels/test_gate_edges.py", "tests/kernels/test_spec_accept.py"]
 T_CPP = ["tests/kernels/test_gate_edges.py", "tests/test_native_ops.py", "tests/test_rule_edges.py",
@@ -131,7 +132,8 @@ MUTATIONS = [
     Mutation("tok-no-space", TK, [('"\\u2581", " ")  #', '"\\u2581")  #')], T_TOK,
              "a plain leading space no longer starts a word"),
     Mutation("tok-no-end-of-turn", TK, [("        for t in END_OF_TURN_TOKENS:\n", "        for t in ():\n")],
-             ["tests/test_rule_edges.py", "tests/test_crossvocab.py"], "the end-of-turn token is never found"),
+             ["tests/test_rule_edges.py", "tests/test_crossvocab_edges.py", "tests/test_crossvocab.py"],
+             "the end-of-turn token is never found"),
     # ---- the gate kernel's reference and Triton kernel ------------------------------------
     Mutation("gate-ref-gt", G, [("return p_top >= params.threshold if", "return p_top > params.threshold if")],
              T_GATE, "torch reference: top_prob >= becomes >", True),
@@ -140,7 +142,8 @@ MUTATIONS = [
     Mutation("gate-ref-no-stops", G, [("    b_ok = ~in_set_ref(b, state.stop_ids)\n",
                                        "    b_ok = torch.ones_like(b, dtype=torch.bool)\n")], T_GATE,
              "torch reference: b's stop ids ignored"),
-    Mutation("gate-ref-no-token-stop", G, [("        take_b = confident & b_ok\n", "        take_b = confident\n")],
+    Mutation("gate-ref-no-token-stop", G, [("    if not params.word_level:\n        take_b = confident & b_ok\n",
+                                            "    if not params.word_level:\n        take_b = confident\n")],
              T_GATE, "torch reference: token level ignores b's stop ids"),
     Mutation("gate-ref-no-base-stop", G, [("torch.where(in_base, confident & b_ok, to_base)",
                                            "torch.where(in_base, confident, to_base)")], T_GATE,
@@ -294,13 +297,18 @@ def run_tests(args: list[str], timeout: float, so: Path | None) -> tuple[bool, s
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-k", dest="select", default="", help="run the mutations whose id contains this")
+    ap.add_argument("-k", dest="select", default="", help="run the mutations whose id contains this (comma-separated: any of these)")
     ap.add_argument("--list", action="store_true", help="list the mutations and exit")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per mutant's test run")
     ap.add_argument("--no-baseline", action="store_true",
                     help="skip the check that the mutant-build machinery passes the C++ tests unmutated")
     args = ap.parse_args(argv)
-    chosen = [m for m in MUTATIONS if args.select in m.id]
+    chosen = [m for m in MUTATIONS if any(k in m.id for k in args.select.split(","))]
+    for m in chosen:  # every edit must match exactly once before anything runs
+        text = (REPO / m.file).read_text()
+        for old, _ in m.edits:
+            if text.count(old) != 1:
+                raise LookupError(f"{m.id}: {old!r} occurs {text.count(old)} times in {m.file} (update the list)")
     if args.list:
         for m in chosen:
             print(f"{m.id:32s} {m.file:36s} {'*' if m.issue_table else ' '} {m.what}")

@@ -38,17 +38,18 @@ def unsure(token: int, *others: int) -> dict[int, float]:
 
 
 def make_scripted(out: Path, tokenizer, table: dict[int, dict[int, float]], *, eos_id: int,
-                  chat_template: str | None = None) -> Path:
+                  chat_template: str | None = None, extra_vocab: int = 0) -> Path:
     """Write a llama checkpoint whose logits after token x are table[x] (others LOW).
 
     Tokens that are not keys of the table have a zero embedding, hence all-equal logits: scripts
-    must not rely on them. eos_id goes into config.json and generation_config.json.
+    must not rely on them. eos_id goes into config.json and generation_config.json. extra_vocab
+    adds embedding rows past the tokenizer (padding rows, as real models have).
     """
     import transformers as tf
 
     from tiny_models import CHAT_TEMPLATE
 
-    vocab = tokenizer.get_vocab_size()
+    vocab = tokenizer.get_vocab_size() + extra_vocab
     cfg = hf_config("llama", vocab)
     cfg.eos_token_id = eos_id
     if len(table) > cfg.hidden_size:

@@ -47,6 +47,7 @@ class Ids:
         self.plain = plain[:12]    # not word starts ("he", ...)
         self.period = vocab["."]   # punctuation: not a word start
         self.im_end = vocab["<|im_end|>"]
+        self.endoftext = vocab["<|endoftext|>"]
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +192,8 @@ def test_word_level_agreement_and_span(agree_script, gate, threshold, native):
 
 @pytest.fixture(scope="module")
 def token_script(tmp_path_factory, tok, ids):
-    """Token granularity, stop ids {S (base EOS), E (<|im_end|>)}:
+    """Token granularity. Stop ids by the definition: S (the base's EOS), <|endoftext|> (the
+    nudger's EOS) and E = <|im_end|>, a stop id only as the nudger's end-of-turn token:
       t0 confident, b = S is a stop   -> emit n = A (nudger)
       t1 confident, b = B1            -> emit B1 (base)
       t2 not confident (p < 0.4)      -> emit n = E: a stop, the answer ends
@@ -200,7 +202,8 @@ def token_script(tmp_path_factory, tok, ids):
     S, E = ids.ws[7], ids.im_end
     base = {P: sure(S), A: sure(B1), B1: unsure(B2, B3, A, P), S: sure(B1)}
     nudger = {P: sure(A), A: sure(B2), B1: sure(E), S: sure(A)}
-    scripted = Scripted(tmp_path_factory.mktemp("token-script"), tok, base, nudger, base_eos=S, nudger_eos=E)
+    scripted = Scripted(tmp_path_factory.mktemp("token-script"), tok, base, nudger, base_eos=S,
+                        nudger_eos=ids.endoftext)
     expected = [([A, B1], [True, False], "stop")]
     return scripted, [[P]], expected, S, E
 
@@ -209,6 +212,7 @@ def token_script(tmp_path_factory, tok, ids):
 def test_token_level_stops(token_script, native):
     scripted, prompts, expected, S, E = token_script
     cfg = nf.NudgeConfig(mode="nudging", granularity="token", threshold=0.4, max_new_tokens=8)
+    assert shared_vocab_stop_ids(scripted.base_dir, scripted.nudger_dir) == {S, 0, E}
     check_all(scripted, prompts, cfg, expected, native)
     # without S as a stop id the base's S is emitted at t0
     (r,) = scripted.reference(prompts, dataclasses.replace(cfg, stop_token_ids=[E]))

@@ -172,3 +172,5 @@ def test_accept_stop_ids_on_the_threshold(accept):
             n = int(state.n_out[i])
             got = (state.out_tokens[i, :n].tolist(), state.out_from_nudger[i, :n].tolist())
             assert got == (tokens, src), (word_state, i)
+        # no row ended: in particular the stop id at row 1's bonus position was not emitted
+        assert state.finished.tolist() == [FINISH_NONE] * 3, word_state
