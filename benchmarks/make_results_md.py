@@ -79,8 +79,10 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
 
 LLAMACPP_NOTE = """nudgefast (`--weights gguf`: exact float32 arithmetic on the file's blocks; `gguf-q8`: activations
 quantized to int8 per block, as llama.cpp does) and llama.cpp (llama-cpp-python, built from source with
-its native CPU flags) decode the same GGUF file with the same prompt ids, greedy, at the same thread count,
-interleaved run by run in one process. Ratios are nudgefast over llama.cpp (above 1: nudgefast is faster):
+its native CPU flags; where the command sets NUDGEFAST_LLAMACPP_EXTRA_BUFTS=0, llama.cpp's AMX and
+repacked weight buffers were off, because that build's AMX kernels crash in this VM) decode the same
+GGUF file with the same prompt ids, greedy, at the same thread count, interleaved run by run in one
+process. Ratios are nudgefast over llama.cpp (above 1: nudgefast is faster):
 decode = tokens per second after the first token, prefill = time to the first token (inverted),
 end-to-end = tokens over the whole call, the median of the run-by-run ratios. Only
 ratios are stated: the machine was shared with other jobs while these ran, which moves absolute rates
