@@ -80,7 +80,9 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
 LLAMACPP_NOTE = """nudgefast (`--weights gguf`: exact float32 arithmetic on the file's blocks; `gguf-q8`: activations
 quantized to int8 per block, as llama.cpp does) and llama.cpp (llama-cpp-python, built from source with
 its native CPU flags; where the command sets NUDGEFAST_LLAMACPP_EXTRA_BUFTS=0, llama.cpp's AMX and
-repacked weight buffers were off, because that build's AMX kernels crash in this VM) decode the same
+repacked weight buffers were off, because that build's AMX kernels crash in this VM; the
+`cpu-llamacpp-noamx-*` files used the build of scripts/install_llamacpp.sh instead: AMX compiled
+out, repacked buffers on) decode the same
 GGUF file with the same prompt ids, greedy, at the same thread count, interleaved run by run in one
 process. Ratios are nudgefast over llama.cpp (above 1: nudgefast is faster):
 decode = tokens per second after the first token, prefill = time to the first token (inverted),
