@@ -125,14 +125,29 @@ def _cpu(dev: dict) -> str:
 
 LLAMACPP_NOTE = """nudgefast (`--weights gguf`: exact float32 arithmetic on the file's blocks; `gguf-q8`: activations
 quantized to int8 per block, as llama.cpp does) and llama.cpp (llama-cpp-python, built from source with
-its native CPU flags) decode the same GGUF file with the same prompt ids, greedy, at the same thread count,
-interleaved run by run in one process. Ratios are nudgefast over llama.cpp (above 1: nudgefast is faster):
+its native CPU flags; where the command sets NUDGEFAST_LLAMACPP_EXTRA_BUFTS=0, llama.cpp's AMX and
+repacked weight buffers were off, because that build's AMX kernels crash in this VM; the
+`cpu-llamacpp-noamx-*` files used the build of scripts/install_llamacpp.sh instead: AMX compiled
+out, repacked buffers on) decode the same
+GGUF file with the same prompt ids, greedy, at the same thread count, interleaved run by run in one
+process. Ratios are nudgefast over llama.cpp (above 1: nudgefast is faster):
 decode = tokens per second after the first token, prefill = time to the first token (inverted),
 end-to-end = tokens over the whole call, the median of the run-by-run ratios. Only
 ratios are stated: the machine was shared with other jobs while these ran, which moves absolute rates
 but affects both engines alike. llama.cpp quantizes the activations to 8 bits, so its greedy tokens may
 part from nudgefast's exact ones; "common prefix" is how many tokens agree from the start.
 """
+
+
+def load_llamacpp(folder: Path) -> list[tuple[str, dict]]:
+    """results/llamacpp/*.json: runs of nudgefast beside the llama.cpp anchor (clean trees only)."""
+    out = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        data = json.loads(path.read_text())
+        if (data.get("git") or {}).get("dirty"):
+            raise ValueError(f"{path}: measured on a dirty tree; re-run it at a commit")
+        out.append((path.name, data))
+    return out
 
 
 def llamacpp_rows(results: list[tuple[str, dict]]) -> list[list[str]]:
@@ -247,7 +262,8 @@ def render(results: list[tuple[str, dict]], plots_dir: Path | None = None, resul
                 row += ["yes" if same else "**no**", _cell("; ".join(diffs) or "-")]
                 speedups.append(row)
     parts = [HEADER]
-    llama = llamacpp_rows(results)
+    # the llama.cpp comparisons (benchmarks/anchors/llamacpp.py) keep their own files and schema
+    llama = llamacpp_rows(load_llamacpp(Path(results_dir) / "llamacpp")) if results_dir else []
     if llama:
         parts.append("## nudgefast against llama.cpp on the same GGUF file\n")
         parts.append(LLAMACPP_NOTE)

@@ -17,8 +17,10 @@
 //
 // block_linear_q8 is the opt-in inexact variant (weights="gguf-q8"): x is quantized to int8 per
 // block of the weight's block size (one float scale each, as llama.cpp does), each block's dot
-// product is an integer sum (VNNI where the CPU has it) scaled once, and the offsets' part still
-// uses the exact block sums of x. Prefill (more than kDirectRows rows) stays exact.
+// product is an integer sum (VNNI where the CPU has it) scaled once, and the offsets' part uses the
+// block sums of the quantized x, dx * sum(xq), as llama.cpp's q8_1 does: then the error is W . (xq dx - x)
+// for the weights as they are (centred), not for scale * code alone (a 4-bit code averages 7.5, so
+// that error would not cancel). Prefill (more than kDirectRows rows) stays exact.
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -564,22 +566,27 @@ void dequantize(const Job& job, int bits, int block, float* w, int64_t first, in
 // [-127, 127] (all zero, dx = 0, for an all-zero block). blocks.py quantize_activations_ref does the
 // same float32 operations, so both give the same integers.
 struct Quantized {
-  std::vector<int8_t> xq;  // [M, K]
-  std::vector<float> dx;   // [M, blocks]
+  std::vector<int8_t> xq;    // [M, K]
+  std::vector<float> dx;     // [M, blocks]
+  std::vector<float> xsum;   // [M, blocks]: dx * sum(xq), the offsets' factor
 };
 
 Quantized quantize_activations(const Job& job, int block) {
-  Quantized q{std::vector<int8_t>(job.M * job.K), std::vector<float>(job.M * job.blocks)};
+  Quantized q{std::vector<int8_t>(job.M * job.K), std::vector<float>(job.M * job.blocks),
+              std::vector<float>(job.M * job.blocks)};
   for (int64_t i = 0; i < job.M * job.blocks; ++i) {
     const float* x = job.x + i * block;
     float amax = 0.f;
     for (int j = 0; j < block; ++j) amax = std::max(amax, std::fabs(x[j]));
     const float inv = amax > 0.f ? 127.f / amax : 0.f;
     q.dx[i] = amax / 127.f;
+    int32_t sum = 0;
     for (int j = 0; j < block; ++j) {
       const float r = std::nearbyint(x[j] * inv);  // the default rounding mode: half to even
       q.xq[i * block + j] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, r)));
+      sum += q.xq[i * block + j];
     }
+    q.xsum[i] = q.dx[i] * static_cast<float>(sum);
   }
   return q;
 }
@@ -710,14 +717,14 @@ at::Tensor block_linear_q8(const at::Tensor& x, const at::Tensor& codes, const a
     return c.y;
   }
   const Quantized q = quantize_activations(job, bl);
-  const std::vector<float> xsum = bl == 32 ? block_sums<32>(job) : block_sums<16>(job);
+  const float* xsum = q.xsum.data();
   at::parallel_for(0, job.N, grain_rows(job.K), [&](int64_t n0, int64_t n1) {
     if (b == 4) {
-      run_rows_q8_for<4, 32>(job, q, xsum.data(), n0, n1);
+      run_rows_q8_for<4, 32>(job, q, xsum, n0, n1);
     } else if (bl == 32) {
-      run_rows_q8_for<8, 32>(job, q, xsum.data(), n0, n1);
+      run_rows_q8_for<8, 32>(job, q, xsum, n0, n1);
     } else {
-      run_rows_q8_for<8, 16>(job, q, xsum.data(), n0, n1);
+      run_rows_q8_for<8, 16>(job, q, xsum, n0, n1);
     }
   });
   return c.y;

@@ -147,8 +147,9 @@ def quantize_activations_ref(x: torch.Tensor, block: int) -> tuple[torch.Tensor,
 def block_linear_q8_ref(x: torch.Tensor, w: BlockWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The reference of block_linear_q8 (weights="gguf-q8"), x [..., K] float32 @ W.T: with at most
     Q8_MAX_ROWS rows of x, y[m, n] = sum over blocks b of scale[n, b] * dx[m, b] * (codes[n, b] . xq[m, b])
-    + offset[n, b] * sum(x[m, b]) (integer block dots, exact sums of x for the offsets); more rows
-    (prefill) are multiplied exactly, as block_linear_ref."""
+    + offset[n, b] * dx[m, b] * sum(xq[m, b]) (integer block dots and sums): W times the dequantized
+    x, dx * xq, so the error is W . (dx xq - x); more rows (prefill) are multiplied exactly, as
+    block_linear_ref."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     if x2.shape[0] > Q8_MAX_ROWS:
@@ -158,18 +159,16 @@ def block_linear_q8_ref(x: torch.Tensor, w: BlockWeight, bias: torch.Tensor | No
     codes = w.int_codes().to(torch.int64).view(n, nb, w.block)
     dots = torch.einsum("nbj,mbj->mnb", codes, xq.to(torch.int64).view(-1, nb, w.block))  # exact integers
     y = (dots.double() * (w.scale[None].double() * dx[:, None].double())).sum(-1)
-    y = y + x2.double().view(-1, nb, w.block).sum(-1) @ w.offset.double().T
+    y = y + (dx.double() * xq.double().view(-1, nb, w.block).sum(-1)) @ w.offset.double().T
     y = y.float().view(*lead, n)
     return y if bias is None else y + bias
 
 
 def q8_error_bound(x: torch.Tensor, w: BlockWeight) -> torch.Tensor:
     """[M, N] bound of |block_linear_q8 - block_linear| from quantizing x (at most Q8_MAX_ROWS rows):
-    each x is off by at most dx / 2, so sum over k of |scale * code|[n, k] * dx[m, block of k] / 2."""
-    n, nb = w.scale.shape
+    each x is off by at most dx / 2, so sum over k of |W[n, k]| * dx[m, block of k] / 2."""
     _, dx = quantize_activations_ref(x, w.block)
-    scaled = (w.int_codes().float().view(n, nb, w.block) * w.scale[:, :, None]).abs().view(n, -1)
-    return (dx.repeat_interleave(w.block, dim=1) / 2) @ scaled.T
+    return (dx.repeat_interleave(w.block, dim=1) / 2) @ w.dequantize().abs().T
 
 
 def kernel_info() -> dict:

@@ -228,9 +228,12 @@ def test_activation_quantization_rounds_half_to_even_per_block():
     assert dx.tolist() == [[pytest.approx(1 / 127), 0.0]]
 
 
+@pytest.mark.parametrize("centred", [False, True])
 @pytest.mark.parametrize("bits, block", LAYOUTS)
-def test_q8_reference_is_within_its_stated_bound_of_the_exact_product(bits, block):
+def test_q8_reference_is_within_its_stated_bound_of_the_exact_product(bits, block, centred):
     w = random_weight(23, 256, bits, block, seed=bits + block)
+    if centred:  # Q4_0-like: offset -7.5 scale, so |W| is far below |scale * code| (and the bound with it)
+        w = BlockWeight(w.codes, w.scale, -7.5 * w.scale if bits == 4 else w.offset * 0, bits, block)
     x = torch.randn(5, 256) * torch.linspace(0.1, 3.0, 256)  # blocks of different ranges
     q8, exact = block_linear_q8_ref(x, w), block_linear_ref(x, w)
     err = (q8 - exact).abs()
