@@ -21,6 +21,7 @@ import json
 import random
 import sys
 import time
+from pathlib import Path
 
 from ..params import NudgeConfig
 from .runners import percentiles
@@ -151,7 +152,8 @@ def main(argv) -> int:
     log(f"  same tokens: {same}; continuous / static throughput: {summary['throughput_ratio']}")
     doc = {"schema": "nudgefast-bench-serve/1", "command": "nudgefast bench " + " ".join(argv),
            "git": git_info(), "device": device_info(engine.device), "threads": torch.get_num_threads(),
-           "models": {"base": str(base), "nudger": str(nudger)}, "requests": args.requests, "rate": args.rate,
+           # folder names, not machine paths (a converted model's folder name carries its content hash)
+           "models": {"base": Path(str(base)).name, "nudger": Path(str(nudger)).name}, "requests": args.requests, "rate": args.rate,
            "summary": summary,
            "results": {k: {kk: vv for kk, vv in v.items() if kk != "outputs"} for k, v in results.items()}}
     if args.out:
