@@ -337,12 +337,20 @@ def _free_port() -> int:
 
 
 def _shutdown(procs, conns, pg_holder, control) -> None:
+    torchrun = bool(control)
     for ch in control:  # torchrun: tell the other ranks to stop serving
         try:
             ch.send(None)
         except (OSError, RuntimeError, ValueError):
             pass
     control.clear()
+    if torchrun and dist.is_initialized():
+        # tear the groups down now, as the other ranks do: left to interpreter exit, gloo's threads
+        # can be destroyed while still joinable (std::terminate) on a loaded machine
+        try:
+            dist.destroy_process_group()
+        except (RuntimeError, ValueError):
+            pass
     for c in conns:
         try:
             c.send(None)
