@@ -292,16 +292,14 @@ int64_t sample_row(const void* row, c10::ScalarType dtype, int64_t V, int64_t se
   }
 }
 
-at::Tensor sample(const at::Tensor& logits_in, const at::Tensor& seed, const at::Tensor& step, int64_t stream,
-                  double temperature, double top_p) {
-  const SampleSpec spec = make_sample_spec(temperature, top_p);
-  check_logits(logits_in, "logits");
+namespace {
+
+// One candidate per row of `logits` with the SampleSpec spec_of(b) gives row b: the checks and
+// the row loop that the single-setting op and the per-row op share.
+template <typename SpecOf>
+at::Tensor sample_each_row(const at::Tensor& logits_in, const at::Tensor& seed, const at::Tensor& step,
+                           int64_t stream, SpecOf spec_of) {
   const int64_t B = logits_in.size(0), V = logits_in.size(1);
-  TORCH_CHECK_VALUE(seed.scalar_type() == at::kLong && seed.dim() == 1 && seed.size(0) == B,
-                    "seed must be int64 [", B, "], got ", seed.scalar_type(), " ", seed.sizes());
-  TORCH_CHECK_VALUE((step.scalar_type() == at::kInt || step.scalar_type() == at::kLong) && step.dim() == 1 &&
-                        step.size(0) == B,
-                    "step must be int32 [", B, "], got ", step.scalar_type(), " ", step.sizes());
   const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
   const at::Tensor seeds = seed.contiguous(), steps = step.to(at::kLong).contiguous();
   at::Tensor out = at::empty({B}, seed.options());
@@ -312,9 +310,27 @@ at::Tensor sample(const at::Tensor& logits_in, const at::Tensor& seed, const at:
   const int64_t row_bytes = logits.stride(0) * logits.element_size();
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
-      o[b] = sample_row(base + b * row_bytes, logits.scalar_type(), V, sd[b], st[b], stream, spec, nullptr);
+      o[b] = sample_row(base + b * row_bytes, logits.scalar_type(), V, sd[b], st[b], stream, spec_of(b), nullptr);
   });
   return out;
+}
+
+void check_seed_step(const at::Tensor& seed, const at::Tensor& step, int64_t B) {
+  TORCH_CHECK_VALUE(seed.scalar_type() == at::kLong && seed.dim() == 1 && seed.size(0) == B,
+                    "seed must be int64 [", B, "], got ", seed.scalar_type(), " ", seed.sizes());
+  TORCH_CHECK_VALUE((step.scalar_type() == at::kInt || step.scalar_type() == at::kLong) && step.dim() == 1 &&
+                        step.size(0) == B,
+                    "step must be int32 [", B, "], got ", step.scalar_type(), " ", step.sizes());
+}
+
+}  // namespace
+
+at::Tensor sample(const at::Tensor& logits_in, const at::Tensor& seed, const at::Tensor& step, int64_t stream,
+                  double temperature, double top_p) {
+  const SampleSpec spec = make_sample_spec(temperature, top_p);
+  check_logits(logits_in, "logits");
+  check_seed_step(seed, step, logits_in.size(0));
+  return sample_each_row(logits_in, seed, step, stream, [&](int64_t) { return spec; });
 }
 
 SampleSpec row_sample_spec(int32_t mode, float inv_temp, float top_p, int64_t max_sample) {
@@ -338,12 +354,8 @@ at::Tensor sample_rows(const at::Tensor& logits_in, const at::Tensor& seed, cons
   check_logits(logits_in, "logits");
   TORCH_CHECK_VALUE(max_sample >= kSampleGreedy && max_sample <= kSampleNucleus,
                     "max_sample must be SAMPLE_GREEDY, SAMPLE_GUMBEL or SAMPLE_NUCLEUS, got ", max_sample);
-  const int64_t B = logits_in.size(0), V = logits_in.size(1);
-  TORCH_CHECK_VALUE(seed.scalar_type() == at::kLong && seed.dim() == 1 && seed.size(0) == B,
-                    "seed must be int64 [", B, "], got ", seed.scalar_type(), " ", seed.sizes());
-  TORCH_CHECK_VALUE((step.scalar_type() == at::kInt || step.scalar_type() == at::kLong) && step.dim() == 1 &&
-                        step.size(0) == B,
-                    "step must be int32 [", B, "], got ", step.scalar_type(), " ", step.sizes());
+  const int64_t B = logits_in.size(0);
+  check_seed_step(seed, step, B);
   check_row_tensor(inv_temp, "inv_temp", at::kFloat, B);
   check_row_tensor(top_p, "top_p", at::kFloat, B);
   check_row_tensor(mode, "mode", at::kInt, B);
@@ -353,20 +365,8 @@ at::Tensor sample_rows(const at::Tensor& logits_in, const at::Tensor& seed, cons
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK_VALUE(md[b] >= kSampleGreedy && md[b] <= kSampleNucleus, "mode[", b,
                       "] must be SAMPLE_GREEDY, SAMPLE_GUMBEL or SAMPLE_NUCLEUS, got ", md[b]);
-  const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
-  const at::Tensor seeds = seed.contiguous(), steps = step.to(at::kLong).contiguous();
-  at::Tensor out = at::empty({B}, seed.options());
-  const int64_t* sd = seeds.const_data_ptr<int64_t>();
-  const int64_t* st = steps.const_data_ptr<int64_t>();
-  int64_t* o = out.mutable_data_ptr<int64_t>();
-  const char* base = static_cast<const char*>(logits.const_data_ptr());
-  const int64_t row_bytes = logits.stride(0) * logits.element_size();
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
-      o[b] = sample_row(base + b * row_bytes, logits.scalar_type(), V, sd[b], st[b], stream,
-                        row_sample_spec(md[b], it[b], tp[b], max_sample), nullptr);
-  });
-  return out;
+  return sample_each_row(logits_in, seed, step, stream,
+                         [&](int64_t b) { return row_sample_spec(md[b], it[b], tp[b], max_sample); });
 }
 
 std::tuple<at::Tensor, at::Tensor> rng_noise(const at::Tensor& seed, const at::Tensor& step, int64_t stream,

@@ -8,8 +8,24 @@ from dataclasses import dataclass
 
 import torch
 
-from nudgefast.kernels.nudge_gate import GateParams, GateState, ModelCursor, new_gate_state, set_row_params
+from nudgefast.kernels.nudge_gate import (GATE_ENTROPY, GATE_TOP_PROB, GateParams, GateState, ModelCursor,
+                                          new_gate_state, set_row_params)
 from nudgefast.kernels.sample import sample_mode
+
+
+# a mixed batch for the step tests of every implementation, one row each:
+# (gate, threshold, word, temperature, top_p, max_new); the stop ids differ per row too
+MIXED_ROWS = [
+    (GATE_TOP_PROB, 0.4, True, 0.0, 1.0, 6),
+    (GATE_ENTROPY, 1.5, True, 0.7, 0.8, 9),
+    (GATE_TOP_PROB, 0.9, False, 1.3, 1.0, 4),
+    (GATE_ENTROPY, 0.5, False, 0.0, 1.0, 7),
+    (GATE_TOP_PROB, 0.2, True, 0.7, 1.0, 3),
+    (GATE_ENTROPY, 3.0, False, 0.9, 0.5, 8),
+    (GATE_TOP_PROB, 0.6, True, 2.0, 0.95, 5),
+    (GATE_TOP_PROB, 0.3, False, 0.0, 0.5, 6),  # greedy ignores top_p
+    (GATE_ENTROPY, 1.0, True, 0.5, 0.7, 9),
+]
 
 
 @dataclass(frozen=True)

@@ -286,7 +286,7 @@ from nudgefast.kernels.nudge_gate import (  # noqa: E402
 from nudgefast.kernels.rng import gumbel_ref, hash_ref  # noqa: E402
 from nudgefast.kernels.sample import inverse_temperature, sample_mode, sample_ref, sample_rows_ref  # noqa: E402
 from nudgefast.native import nudge_step_native, sample_native, sample_rows_native  # noqa: E402
-from gate_rows import Cfg, apply, legacy_state, row_of  # noqa: E402
+from gate_rows import MIXED_ROWS, Cfg, apply, legacy_state, row_of  # noqa: E402
 
 
 @pytest.mark.parametrize("stream", [0, 1])
@@ -586,17 +586,6 @@ def test_nudge_step_rejects_bad_input():
         OPS.nudge_step(*args)
 
 
-# (gate, threshold, word, temperature, top_p, max_new): every row differs (stop ids and seeds too)
-MIXED_ROWS = [
-    (GATE_TOP_PROB, 0.4, True, 0.0, 1.0, 6),
-    (GATE_ENTROPY, 1.5, True, 0.7, 0.8, 9),
-    (GATE_TOP_PROB, 0.9, False, 1.3, 1.0, 4),
-    (GATE_ENTROPY, 0.5, False, 0.0, 1.0, 7),
-    (GATE_TOP_PROB, 0.2, True, 0.7, 1.0, 3),
-    (GATE_ENTROPY, 3.0, False, 0.9, 0.5, 8),
-    (GATE_TOP_PROB, 0.6, True, 2.0, 0.95, 5),
-    (GATE_ENTROPY, 1.0, True, 0.5, 0.7, 9),
-]
 
 
 @pytest.mark.parametrize("V,dtype,mode", [(37, torch.float32, MODE_NUDGING), (1000, torch.bfloat16, MODE_NUDGING),

@@ -22,7 +22,7 @@ from nudgefast.kernels.nudge_gate import (FINISH_LENGTH, FINISH_NONE, FINISH_STO
                                           GateParams, GateState, ModelCursor, gate_params_for, gate_state_for,
                                           new_gate_state, nudge_step, nudge_step_ref, set_row, set_row_params)
 from nudgefast.kernels.rng import SALT_INDEX, SALT_SEED, SALT_STREAM
-from gate_rows import Cfg, apply, legacy_state, row_of  # noqa: F401  (re-exported to test_spec_accept)
+from gate_rows import MIXED_ROWS, Cfg, apply, legacy_state, row_of  # noqa: F401  (re-exported to test_spec_accept)
 
 M32 = 0xFFFFFFFF
 
@@ -431,18 +431,6 @@ def test_thirty_steps_triton_reference_python(word, temperature, top_p):
 
 # ----------------------------------------------------------------------------- mixed rows (per-row parameters)
 
-# one row each: (gate, threshold, word, temperature, top_p, max_new); the stop ids differ per row too
-MIXED_ROWS = [
-    (GATE_TOP_PROB, 0.4, True, 0.0, 1.0, 6),
-    (GATE_ENTROPY, 1.5, True, 0.7, 0.8, 9),
-    (GATE_TOP_PROB, 0.9, False, 1.3, 1.0, 4),
-    (GATE_ENTROPY, 0.5, False, 0.0, 1.0, 7),
-    (GATE_TOP_PROB, 0.2, True, 0.7, 1.0, 3),
-    (GATE_ENTROPY, 3.0, False, 0.9, 0.5, 8),
-    (GATE_TOP_PROB, 0.6, True, 2.0, 0.95, 5),
-    (GATE_TOP_PROB, 0.3, False, 0.0, 0.5, 6),  # greedy ignores top_p
-    (GATE_ENTROPY, 1.0, True, 0.5, 0.7, 9),
-]
 
 
 def mixed_case(V, dtype, mode, seed, rows=MIXED_ROWS):
