@@ -26,11 +26,13 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 #include <c10/util/StringUtil.h>
 
 #include "ops.h"
@@ -57,11 +59,21 @@ NF_INLINE f32x8 widen_i8(const uint8_t* p) {
 struct Job {
   const float* x;         // [M, K]
   const uint8_t* codes;   // row n at codes + n * row_bytes
-  const float* scale;     // [N, K / B]
-  const float* offset;    // [N, K / B], or nullptr: every offset is zero (Q8_0, Q5_0, Q6_K: not read)
+  const void* scale;      // [N, K / B]: float32, or float16 where every scale is one exactly (half)
+  const void* offset;     // [N, K / B] of the same type, or nullptr: every offset is zero (not read)
+  bool half;              // scale and offset are float16: the kernels' template argument H
   float* y;               // [M, N]
   int64_t M, N, K, row_bytes, blocks;
 };
+
+// Scale or offset i as float32. Stored as float16 where every value of the weight is one exactly
+// (Q4_0, Q4_1, Q8_0, Q5_0, Q5_1: GGML's own fp16 d and m), so the kernels multiply by the same
+// float32 values from 2 bytes instead of 4: a 4-bit block is then 20 bytes, not 24, as in the file.
+template <bool H>
+NF_INLINE float load_s(const void* p, int64_t i) {
+  if constexpr (H) return c10::detail::fp16_ieee_to_fp32_value(static_cast<const uint16_t*>(p)[i]);
+  return static_cast<const float*>(p)[i];
+}
 
 // The codes of block b of a weight row as B / 8 float vectors.
 template <int BITS, int B>
@@ -80,12 +92,11 @@ NF_INLINE void decode(const uint8_t* row, int64_t b, f32x8* c) {
 }
 
 // y[m0 .. m0 + MC, n] for one weight row n. xsum: [M, blocks] block sums of x.
-template <int BITS, int B, int MC>
+template <int BITS, int B, bool H, int MC>
 NF_INLINE void row_dot(const Job& job, const float* xsum, int64_t n, int64_t m0) {
   constexpr int V = B / 8;
   const uint8_t* row = job.codes + n * job.row_bytes;
-  const float* scale = job.scale + n * job.blocks;
-  const float* offset = job.offset ? job.offset + n * job.blocks : nullptr;
+  const int64_t s0 = n * job.blocks;
   f32x8 acc[MC];
   float off[MC];
   for (int m = 0; m < MC; ++m) {
@@ -95,8 +106,8 @@ NF_INLINE void row_dot(const Job& job, const float* xsum, int64_t n, int64_t m0)
   for (int64_t b = 0; b < job.blocks; ++b) {
     f32x8 c[V];
     decode<BITS, B>(row, b, c);
-    const f32x8 s = simd::splat(scale[b]);
-    const float o = offset ? offset[b] : 0.f;
+    const f32x8 s = simd::splat(load_s<H>(job.scale, s0 + b));
+    const float o = job.offset ? load_s<H>(job.offset, s0 + b) : 0.f;
     for (int m = 0; m < MC; ++m) {
       const float* xb = job.x + (m0 + m) * job.K + b * B;
       f32x8 p = c[0] * simd::load(xb);
@@ -109,23 +120,24 @@ NF_INLINE void row_dot(const Job& job, const float* xsum, int64_t n, int64_t m0)
 }
 
 // The portable kernel (any CPU without AVX2): same loop over GCC vector extensions.
-template <int BITS, int B>
+template <int BITS, int B, bool H>
 void rows(const Job& job, const float* xsum, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
     int64_t m = 0;
-    for (; m + 4 <= job.M; m += 4) row_dot<BITS, B, 4>(job, xsum, n, m);
-    for (; m < job.M; ++m) row_dot<BITS, B, 1>(job, xsum, n, m);
+    for (; m + 4 <= job.M; m += 4) row_dot<BITS, B, H, 4>(job, xsum, n, m);
+    for (; m < job.M; ++m) row_dot<BITS, B, H, 1>(job, xsum, n, m);
   }
 }
 
-template <int BITS, int B>
+template <int BITS, int B, bool H>
 void dequantize_rows(const Job& job, float* w, int64_t first, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = job.codes + n * job.row_bytes;
     for (int64_t b = 0; b < job.blocks; ++b) {
       f32x8 c[B / 8];
       decode<BITS, B>(row, b, c);
-      const float s = job.scale[n * job.blocks + b], o = job.offset ? job.offset[n * job.blocks + b] : 0.f;
+      const float s = load_s<H>(job.scale, n * job.blocks + b);
+      const float o = job.offset ? load_s<H>(job.offset, n * job.blocks + b) : 0.f;
       for (int j = 0; j < B / 8; ++j) simd::store(w + (n - first) * job.K + b * B + 8 * j, c[j] * s + o);
     }
   }
@@ -134,9 +146,10 @@ void dequantize_rows(const Job& job, float* w, int64_t first, int64_t n0, int64_
 #if defined(__x86_64__) && defined(__GNUC__)
 // The AVX2 + FMA kernel, in intrinsics: GCC's vector extensions scalarize the byte widening and
 // shuffles this loop is made of. Compiled for AVX2 here and chosen at run time (run_rows).
-#define NF_AVX2 __attribute__((target("avx2,fma"), always_inline)) inline
+#define NF_AVX2_TARGET "avx2,fma,f16c"
+#define NF_AVX2 __attribute__((target(NF_AVX2_TARGET), always_inline)) inline
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 #include <immintrin.h>
 #pragma GCC pop_options
 
@@ -168,22 +181,38 @@ NF_AVX2 float hsum_avx2(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-NF_AVX2 float dot_avx2(const float* a, const float* b, int64_t n) {
+// load_s with the F16C instruction (one vcvtph2ps instead of the portable bit manipulation).
+template <bool H>
+NF_AVX2 float load_s_f16c(const void* p, int64_t i) {
+  if constexpr (H) return _cvtsh_ss(static_cast<const uint16_t*>(p)[i]);
+  return static_cast<const float*>(p)[i];
+}
+
+// sum over i < n of a[a0 + i] * b[i]; a: scales or offsets (float32, or float16 when H).
+template <bool H>
+NF_AVX2 float dot_avx2(const void* a, int64_t a0, const float* b, int64_t n) {
   __m256 acc = _mm256_setzero_ps();
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  for (; i + 8 <= n; i += 8) {
+    __m256 av;
+    if constexpr (H) {
+      av = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(a) + a0 + i)));
+    } else {
+      av = _mm256_loadu_ps(static_cast<const float*>(a) + a0 + i);
+    }
+    acc = _mm256_fmadd_ps(av, _mm256_loadu_ps(b + i), acc);
+  }
   float sum = hsum_avx2(acc);
-  for (; i < n; ++i) sum += a[i] * b[i];
+  for (; i < n; ++i) sum += load_s_f16c<H>(a, a0 + i) * b[i];
   return sum;
 }
 
 // Block b's contribution scale * sum(code * x) into acc[m] for the MC rows of x at x.
-template <int BITS, int B, int MC>
-NF_AVX2 void block_avx2(const Job& job, const uint8_t* row, const float* scale, const float* x, int64_t b,
-                        __m256* acc) {
+template <int BITS, int B, bool H, int MC>
+NF_AVX2 void block_avx2(const Job& job, const uint8_t* row, int64_t s0, const float* x, int64_t b, __m256* acc) {
   __m256 c[B / 8];
   decode_avx2<BITS, B>(row, b, c);
-  const __m256 s = _mm256_broadcast_ss(scale + b);
+  const __m256 s = _mm256_set1_ps(load_s_f16c<H>(job.scale, s0 + b));
 #pragma GCC unroll 8
   for (int m = 0; m < MC; ++m) {
     const float* xb = x + m * job.K + b * B;
@@ -194,13 +223,13 @@ NF_AVX2 void block_avx2(const Job& job, const uint8_t* row, const float* scale, 
   }
 }
 
-template <int BITS, int B, int MC>
+template <int BITS, int B, bool H, int MC>
 NF_AVX2 void row_dot_avx2(const Job& job, const float* xsum, int64_t n, int64_t m0) {
   // A single row of x would make every block wait on the previous one's accumulate (FMA latency):
   // it gets two accumulator chains, even and odd blocks.
   constexpr int CHAINS = MC == 1 ? 2 : 1;
   const uint8_t* row = job.codes + n * job.row_bytes;
-  const float* scale = job.scale + n * job.blocks;
+  const int64_t s0 = n * job.blocks;
   const float* x = job.x + m0 * job.K;
   __m256 acc[CHAINS][MC];
 #pragma GCC unroll 8
@@ -210,40 +239,40 @@ NF_AVX2 void row_dot_avx2(const Job& job, const float* xsum, int64_t n, int64_t 
   int64_t b = 0;
   for (; b + CHAINS <= job.blocks; b += CHAINS) {
 #pragma GCC unroll 2
-    for (int k = 0; k < CHAINS; ++k) block_avx2<BITS, B, MC>(job, row, scale, x, b + k, acc[k]);
+    for (int k = 0; k < CHAINS; ++k) block_avx2<BITS, B, H, MC>(job, row, s0, x, b + k, acc[k]);
   }
-  for (; b < job.blocks; ++b) block_avx2<BITS, B, MC>(job, row, scale, x, b, acc[0]);
+  for (; b < job.blocks; ++b) block_avx2<BITS, B, H, MC>(job, row, s0, x, b, acc[0]);
 #pragma GCC unroll 8
   for (int m = 0; m < MC; ++m) {
     __m256 total = acc[0][m];
     for (int k = 1; k < CHAINS; ++k) total = _mm256_add_ps(total, acc[k][m]);
     // the offsets' part, sum over blocks of offset * sum(x), as one dot product per row of x
-    const float off = job.offset ? dot_avx2(job.offset + n * job.blocks, xsum + (m0 + m) * job.blocks, job.blocks) : 0.f;
+    const float off = job.offset ? dot_avx2<H>(job.offset, s0, xsum + (m0 + m) * job.blocks, job.blocks) : 0.f;
     job.y[(m0 + m) * job.N + n] = hsum_avx2(total) + off;
   }
 }
 
-template <int BITS, int B>
-__attribute__((target("avx2,fma"))) void rows_avx2(const Job& job, const float* xsum, int64_t n0, int64_t n1) {
+template <int BITS, int B, bool H>
+__attribute__((target(NF_AVX2_TARGET))) void rows_avx2(const Job& job, const float* xsum, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
     int64_t m = 0;
-    for (; m + 8 <= job.M; m += 8) row_dot_avx2<BITS, B, 8>(job, xsum, n, m);
-    if (m + 4 <= job.M) { row_dot_avx2<BITS, B, 4>(job, xsum, n, m); m += 4; }
-    if (m + 2 <= job.M) { row_dot_avx2<BITS, B, 2>(job, xsum, n, m); m += 2; }
-    if (m < job.M) row_dot_avx2<BITS, B, 1>(job, xsum, n, m);
+    for (; m + 8 <= job.M; m += 8) row_dot_avx2<BITS, B, H, 8>(job, xsum, n, m);
+    if (m + 4 <= job.M) { row_dot_avx2<BITS, B, H, 4>(job, xsum, n, m); m += 4; }
+    if (m + 2 <= job.M) { row_dot_avx2<BITS, B, H, 2>(job, xsum, n, m); m += 2; }
+    if (m < job.M) row_dot_avx2<BITS, B, H, 1>(job, xsum, n, m);
   }
 }
 
-template <int BITS, int B>
-__attribute__((target("avx2,fma"))) void dequantize_avx2(const Job& job, float* w, int64_t first, int64_t n0,
+template <int BITS, int B, bool H>
+__attribute__((target(NF_AVX2_TARGET))) void dequantize_avx2(const Job& job, float* w, int64_t first, int64_t n0,
                                                          int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = job.codes + n * job.row_bytes;
     for (int64_t b = 0; b < job.blocks; ++b) {
       __m256 c[B / 8];
       decode_avx2<BITS, B>(row, b, c);
-      const __m256 s = _mm256_broadcast_ss(job.scale + n * job.blocks + b);
-      const __m256 o = _mm256_set1_ps(job.offset ? job.offset[n * job.blocks + b] : 0.f);
+      const __m256 s = _mm256_set1_ps(load_s_f16c<H>(job.scale, n * job.blocks + b));
+      const __m256 o = _mm256_set1_ps(job.offset ? load_s_f16c<H>(job.offset, n * job.blocks + b) : 0.f);
       for (int j = 0; j < B / 8; ++j) _mm256_storeu_ps(w + (n - first) * job.K + b * B + 8 * j, _mm256_fmadd_ps(c[j], s, o));
     }
   }
@@ -271,19 +300,30 @@ NF_AVX512 void decode_avx512(const uint8_t* row, int64_t b, __m512* c) {
   }
 }
 
-NF_AVX512 float dot_avx512(const float* a, const float* b, int64_t n) {
+// 16 scales or offsets from a + i (float32, or float16 when H); `tail` masks the lanes read.
+template <bool H>
+NF_AVX512 __m512 load16_s(const void* a, int64_t i, __mmask16 tail) {
+  if constexpr (H) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(tail, static_cast<const uint16_t*>(a) + i));
+  }
+  return _mm512_maskz_loadu_ps(tail, static_cast<const float*>(a) + i);
+}
+
+// sum over i < n of a[a0 + i] * b[i]
+template <bool H>
+NF_AVX512 float dot_avx512(const void* a, int64_t a0, const float* b, int64_t n) {
   __m512 acc = _mm512_setzero_ps();
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(load16_s<H>(a, a0 + i, 0xFFFF), _mm512_loadu_ps(b + i), acc);
   if (i < n) {
     const __mmask16 tail = static_cast<__mmask16>((1u << (n - i)) - 1);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, a + i), _mm512_maskz_loadu_ps(tail, b + i), acc);
+    acc = _mm512_fmadd_ps(load16_s<H>(a, a0 + i, tail), _mm512_maskz_loadu_ps(tail, b + i), acc);
   }
   return _mm512_reduce_add_ps(acc);
 }
 
 // y[m0 .. m0 + MC, n .. n + R] from weight rows n .. n + R and rows m0 .. m0 + MC of x.
-template <int BITS, int B, int R, int MC>
+template <int BITS, int B, bool H, int R, int MC>
 NF_AVX512 void tile_avx512(const Job& job, const float* xsum, int64_t n, int64_t m0) {
   constexpr int V = B / 16;
   const float* x = job.x + m0 * job.K;
@@ -304,7 +344,7 @@ NF_AVX512 void tile_avx512(const Job& job, const float* xsum, int64_t n, int64_t
     for (int r = 0; r < R; ++r) {
       __m512 c[V];
       decode_avx512<BITS, B>(job.codes + (n + r) * job.row_bytes, b, c);
-      const __m512 s = _mm512_set1_ps(job.scale[(n + r) * job.blocks + b]);
+      const __m512 s = _mm512_set1_ps(load_s_f16c<H>(job.scale, (n + r) * job.blocks + b));
 #pragma GCC unroll 8
       for (int m = 0; m < MC; ++m) {
         __m512 p = _mm512_mul_ps(c[0], xv[m][0]);
@@ -315,10 +355,10 @@ NF_AVX512 void tile_avx512(const Job& job, const float* xsum, int64_t n, int64_t
   }
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
-    const float* offset = job.offset ? job.offset + (n + r) * job.blocks : nullptr;
 #pragma GCC unroll 8
     for (int m = 0; m < MC; ++m) {
-      const float off = offset ? dot_avx512(offset, xsum + (m0 + m) * job.blocks, job.blocks) : 0.f;
+      const float off =
+          job.offset ? dot_avx512<H>(job.offset, (n + r) * job.blocks, xsum + (m0 + m) * job.blocks, job.blocks) : 0.f;
       job.y[(m0 + m) * job.N + n + r] = _mm512_reduce_add_ps(acc[r][m]) + off;
     }
   }
@@ -326,37 +366,37 @@ NF_AVX512 void tile_avx512(const Job& job, const float* xsum, int64_t n, int64_t
 
 // Every row of x against weight rows n .. n + R, in passes of at most 8 accumulators (R * MC <= 8:
 // 8 accumulators plus the codes and x vectors stay within the 32 registers).
-template <int BITS, int B, int R>
+template <int BITS, int B, bool H, int R>
 NF_AVX512 void mpass_avx512(const Job& job, const float* xsum, int64_t n) {
   int64_t m = 0;
   if constexpr (R == 1) {
-    for (; m + 8 <= job.M; m += 8) tile_avx512<BITS, B, 1, 8>(job, xsum, n, m);
+    for (; m + 8 <= job.M; m += 8) tile_avx512<BITS, B, H, 1, 8>(job, xsum, n, m);
   }
   if constexpr (R <= 2) {
-    for (; m + 4 <= job.M; m += 4) tile_avx512<BITS, B, R, 4>(job, xsum, n, m);
+    for (; m + 4 <= job.M; m += 4) tile_avx512<BITS, B, H, R, 4>(job, xsum, n, m);
   }
-  for (; m + 2 <= job.M; m += 2) tile_avx512<BITS, B, R, 2>(job, xsum, n, m);
-  for (; m < job.M; ++m) tile_avx512<BITS, B, R, 1>(job, xsum, n, m);
+  for (; m + 2 <= job.M; m += 2) tile_avx512<BITS, B, H, R, 2>(job, xsum, n, m);
+  for (; m < job.M; ++m) tile_avx512<BITS, B, H, R, 1>(job, xsum, n, m);
 }
 
-template <int BITS, int B, int R>
+template <int BITS, int B, bool H, int R>
 __attribute__((target(NF_AVX512_TARGET))) void rows_tiled_avx512(const Job& job, const float* xsum, int64_t n0,
                                                                  int64_t n1) {
   int64_t n = n0;
-  for (; n + R <= n1; n += R) mpass_avx512<BITS, B, R>(job, xsum, n);
-  for (; n < n1; ++n) mpass_avx512<BITS, B, 1>(job, xsum, n);
+  for (; n + R <= n1; n += R) mpass_avx512<BITS, B, H, R>(job, xsum, n);
+  for (; n < n1; ++n) mpass_avx512<BITS, B, H, 1>(job, xsum, n);
 }
 
 // Tiles by the number of rows of x: decode (1-2 rows) takes 4 weight rows per pass, verification
 // batches (3-4) 2, more rows 1 (their loads of x already amortize each decoded block).
-template <int BITS, int B>
+template <int BITS, int B, bool H>
 void rows_avx512(const Job& job, const float* xsum, int64_t n0, int64_t n1) {
-  if (job.M <= 2) return rows_tiled_avx512<BITS, B, 4>(job, xsum, n0, n1);
-  if (job.M <= 4) return rows_tiled_avx512<BITS, B, 2>(job, xsum, n0, n1);
-  rows_tiled_avx512<BITS, B, 1>(job, xsum, n0, n1);
+  if (job.M <= 2) return rows_tiled_avx512<BITS, B, H, 4>(job, xsum, n0, n1);
+  if (job.M <= 4) return rows_tiled_avx512<BITS, B, H, 2>(job, xsum, n0, n1);
+  rows_tiled_avx512<BITS, B, H, 1>(job, xsum, n0, n1);
 }
 
-template <int BITS, int B>
+template <int BITS, int B, bool H>
 __attribute__((target(NF_AVX512_TARGET))) void dequantize_avx512(const Job& job, float* w, int64_t first, int64_t n0,
                                                                  int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
@@ -364,8 +404,8 @@ __attribute__((target(NF_AVX512_TARGET))) void dequantize_avx512(const Job& job,
     for (int64_t b = 0; b < job.blocks; ++b) {
       __m512 c[B / 16];
       decode_avx512<BITS, B>(row, b, c);
-      const __m512 s = _mm512_set1_ps(job.scale[n * job.blocks + b]);
-      const __m512 o = _mm512_set1_ps(job.offset ? job.offset[n * job.blocks + b] : 0.f);
+      const __m512 s = _mm512_set1_ps(load_s_f16c<H>(job.scale, n * job.blocks + b));
+      const __m512 o = _mm512_set1_ps(job.offset ? load_s_f16c<H>(job.offset, n * job.blocks + b) : 0.f);
       for (int j = 0; j < B / 16; ++j) _mm512_storeu_ps(w + (n - first) * job.K + b * B + 16 * j, _mm512_fmadd_ps(c[j], s, o));
     }
   }
@@ -394,7 +434,7 @@ NF_VNNI __m256i dot32_vnni(const uint8_t* row, int64_t b, const int8_t* xq) {
 }
 
 // Weight rows n .. n + R against one quantized row of x (xq, dx: its per-block scales).
-template <int BITS, int B, int R>
+template <int BITS, int B, bool H, int R>
 NF_VNNI void tile_q8_vnni(const Job& job, const int8_t* xq, const float* dx, const float* xsum, int64_t n,
                           int64_t m) {
   __m256 acc[R];
@@ -404,13 +444,12 @@ NF_VNNI void tile_q8_vnni(const Job& job, const int8_t* xq, const float* dx, con
     acc[r] = _mm256_setzero_ps();
     tail[r] = 0.f;
   }
-  const float* scale = job.scale + n * job.blocks;
   if constexpr (B == 32) {
     for (int64_t b = 0; b < job.blocks; ++b) {
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
         const __m256i d = dot32_vnni<BITS>(job.codes + (n + r) * job.row_bytes, b, xq);
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(scale[r * job.blocks + b] * dx[b]), acc[r]);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(load_s_f16c<H>(job.scale, (n + r) * job.blocks + b) * dx[b]), acc[r]);
       }
     }
   } else {  // B == 16 (8-bit codes): two blocks per vector, lanes 0-3 and 4-7
@@ -419,8 +458,7 @@ NF_VNNI void tile_q8_vnni(const Job& job, const int8_t* xq, const float* dx, con
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
         const __m256i d = dot32_vnni<8>(job.codes + (n + r) * job.row_bytes + b * 16, 0, xq + b * 16);
-        const __m256 s = _mm256_set_m128(_mm_set1_ps(scale[r * job.blocks + b + 1] * dx[b + 1]),
-                                          _mm_set1_ps(scale[r * job.blocks + b] * dx[b]));
+        const __m256 s = _mm256_set_m128(_mm_set1_ps(load_s_f16c<H>(job.scale, (n + r) * job.blocks + b + 1) * dx[b + 1]), _mm_set1_ps(load_s_f16c<H>(job.scale, (n + r) * job.blocks + b) * dx[b]));
         acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, acc[r]);
       }
     }
@@ -431,18 +469,18 @@ NF_VNNI void tile_q8_vnni(const Job& job, const int8_t* xq, const float* dx, con
         __m128i d = _mm_dpbusd_epi32(_mm_setzero_si128(), _mm_abs_epi8(c), _mm_sign_epi8(xv, c));
         d = _mm_add_epi32(d, _mm_shuffle_epi32(d, 0x4E));
         d = _mm_add_epi32(d, _mm_shuffle_epi32(d, 0xB1));
-        tail[r] = static_cast<float>(_mm_cvtsi128_si32(d)) * (scale[r * job.blocks + b] * dx[b]);
+        tail[r] = static_cast<float>(_mm_cvtsi128_si32(d)) * (load_s_f16c<H>(job.scale, (n + r) * job.blocks + b) * dx[b]);
       }
     }
   }
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
-    const float off = job.offset ? dot_avx512(job.offset + (n + r) * job.blocks, xsum, job.blocks) : 0.f;
+    const float off = job.offset ? dot_avx512<H>(job.offset, (n + r) * job.blocks, xsum, job.blocks) : 0.f;
     job.y[m * job.N + n + r] = hsum_avx2(acc[r]) + tail[r] + off;
   }
 }
 
-template <int BITS, int B>
+template <int BITS, int B, bool H>
 __attribute__((target(NF_VNNI_TARGET))) void rows_q8_vnni(const Job& job, const int8_t* xq, const float* dx,
                                                           const float* xsum, int64_t n0, int64_t n1) {
   for (int64_t m = 0; m < job.M; ++m) {
@@ -450,12 +488,14 @@ __attribute__((target(NF_VNNI_TARGET))) void rows_q8_vnni(const Job& job, const 
     const float* dxm = dx + m * job.blocks;
     const float* xsm = xsum + m * job.blocks;
     int64_t n = n0;
-    for (; n + 4 <= n1; n += 4) tile_q8_vnni<BITS, B, 4>(job, xqm, dxm, xsm, n, m);
-    for (; n < n1; ++n) tile_q8_vnni<BITS, B, 1>(job, xqm, dxm, xsm, n, m);
+    for (; n + 4 <= n1; n += 4) tile_q8_vnni<BITS, B, H, 4>(job, xqm, dxm, xsm, n, m);
+    for (; n < n1; ++n) tile_q8_vnni<BITS, B, H, 1>(job, xqm, dxm, xsm, n, m);
   }
 }
 
-bool cpu_has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+bool cpu_has_avx2() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
 bool cpu_has_avx512() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && cpu_has_avx2();
@@ -521,44 +561,55 @@ std::vector<float> block_sums(const Job& job) {
   return xsum;
 }
 
-template <int BITS, int B>
+template <int BITS, int B, bool H>
 void run_rows_for(const Job& job, int64_t n0, int64_t n1) {
   const std::vector<float> xsum = block_sums<B>(job);
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (kernel() == Kernel::kAvx512) return rows_avx512<BITS, B>(job, xsum.data(), n0, n1);
-  if (kernel() == Kernel::kAvx2) return rows_avx2<BITS, B>(job, xsum.data(), n0, n1);
+  if (kernel() == Kernel::kAvx512) return rows_avx512<BITS, B, H>(job, xsum.data(), n0, n1);
+  if (kernel() == Kernel::kAvx2) return rows_avx2<BITS, B, H>(job, xsum.data(), n0, n1);
 #endif
-  rows<BITS, B>(job, xsum.data(), n0, n1);
+  rows<BITS, B, H>(job, xsum.data(), n0, n1);
 }
 
-void run_rows(const Job& job, int bits, int block, int64_t n0, int64_t n1) {
+// Calls f(bits, block, half) with each as a std::integral_constant for the job's layout and scale
+// type: the one place the run-time layout becomes template arguments.
+template <typename F>
+void with_layout(const Job& job, int bits, int block, F&& f) {
+  using I4 = std::integral_constant<int, 4>;
+  using I8 = std::integral_constant<int, 8>;
+  using B32 = std::integral_constant<int, 32>;
+  using B16 = std::integral_constant<int, 16>;
+  using T = std::true_type;
+  using N = std::false_type;
   if (bits == 4) {
-    run_rows_for<4, 32>(job, n0, n1);
+    job.half ? f(I4{}, B32{}, T{}) : f(I4{}, B32{}, N{});
   } else if (block == 32) {
-    run_rows_for<8, 32>(job, n0, n1);
+    job.half ? f(I8{}, B32{}, T{}) : f(I8{}, B32{}, N{});
   } else {
-    run_rows_for<8, 16>(job, n0, n1);
+    job.half ? f(I8{}, B16{}, T{}) : f(I8{}, B16{}, N{});
   }
 }
 
-template <int BITS, int B>
+void run_rows(const Job& job, int bits, int block, int64_t n0, int64_t n1) {
+  with_layout(job, bits, block, [&](auto b, auto bl, auto h) {
+    run_rows_for<decltype(b)::value, decltype(bl)::value, decltype(h)::value>(job, n0, n1);
+  });
+}
+
+template <int BITS, int B, bool H>
 void dequantize_for(const Job& job, float* w, int64_t first, int64_t n0, int64_t n1) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (kernel() == Kernel::kAvx512) return dequantize_avx512<BITS, B>(job, w, first, n0, n1);
-  if (kernel() == Kernel::kAvx2) return dequantize_avx2<BITS, B>(job, w, first, n0, n1);
+  if (kernel() == Kernel::kAvx512) return dequantize_avx512<BITS, B, H>(job, w, first, n0, n1);
+  if (kernel() == Kernel::kAvx2) return dequantize_avx2<BITS, B, H>(job, w, first, n0, n1);
 #endif
-  dequantize_rows<BITS, B>(job, w, first, n0, n1);
+  dequantize_rows<BITS, B, H>(job, w, first, n0, n1);
 }
 
 // Rows [n0, n1) of W as float32 into w, row n at w + (n - first) * K.
 void dequantize(const Job& job, int bits, int block, float* w, int64_t first, int64_t n0, int64_t n1) {
-  if (bits == 4) {
-    dequantize_for<4, 32>(job, w, first, n0, n1);
-  } else if (block == 32) {
-    dequantize_for<8, 32>(job, w, first, n0, n1);
-  } else {
-    dequantize_for<8, 16>(job, w, first, n0, n1);
-  }
+  with_layout(job, bits, block, [&](auto b, auto bl, auto h) {
+    dequantize_for<decltype(b)::value, decltype(bl)::value, decltype(h)::value>(job, w, first, n0, n1);
+  });
 }
 
 // ---- 8-bit activations -----------------------------------------------------------------------------
@@ -592,7 +643,7 @@ Quantized quantize_activations(const Job& job, int block) {
 }
 
 // The portable 8-bit-activation kernel: integer block dots in plain C++.
-template <int BITS, int B>
+template <int BITS, int B, bool H>
 void rows_q8(const Job& job, const int8_t* xq, const float* dx, const float* xsum, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = job.codes + n * job.row_bytes;
@@ -610,20 +661,20 @@ void rows_q8(const Job& job, const int8_t* xq, const float* dx, const float* xsu
           const int8_t* c = reinterpret_cast<const int8_t*>(row) + b * B;
           for (int j = 0; j < B; ++j) dot += c[j] * xb[j];
         }
-        sum += static_cast<float>(dot) * (job.scale[n * job.blocks + b] * dx[m * job.blocks + b]) +
-               (job.offset ? job.offset[n * job.blocks + b] * xsum[m * job.blocks + b] : 0.f);
+        sum += static_cast<float>(dot) * (load_s<H>(job.scale, n * job.blocks + b) * dx[m * job.blocks + b]) +
+               (job.offset ? load_s<H>(job.offset, n * job.blocks + b) * xsum[m * job.blocks + b] : 0.f);
       }
       job.y[m * job.N + n] = sum;
     }
   }
 }
 
-template <int BITS, int B>
+template <int BITS, int B, bool H>
 void run_rows_q8_for(const Job& job, const Quantized& q, const float* xsum, int64_t n0, int64_t n1) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (q8_vnni()) return rows_q8_vnni<BITS, B>(job, q.xq.data(), q.dx.data(), xsum, n0, n1);
+  if (q8_vnni()) return rows_q8_vnni<BITS, B, H>(job, q.xq.data(), q.dx.data(), xsum, n0, n1);
 #endif
-  rows_q8<BITS, B>(job, q.xq.data(), q.dx.data(), xsum, n0, n1);
+  rows_q8<BITS, B, H>(job, q.xq.data(), q.dx.data(), xsum, n0, n1);
 }
 
 // Up to this many rows of x multiply straight from the codes; more (prefill) dequantize and use
@@ -644,9 +695,11 @@ Checked check_args(const char* op, const at::Tensor& x_in, const at::Tensor& cod
                    op, ": x must be float32 [M, K], got ", x_in.scalar_type(), " ", x_in.sizes());
   // offset [N, 0]: every offset is zero, and none is read (a quarter of a Q8_0 weight's bytes)
   const bool no_offset = offset.dim() == 2 && offset.size(1) == 0 && scale.dim() == 2 && offset.size(0) == scale.size(0);
-  TORCH_CHECK_TYPE(scale.scalar_type() == at::kFloat && offset.scalar_type() == at::kFloat &&
+  const bool half = scale.scalar_type() == at::kHalf;
+  TORCH_CHECK_TYPE((scale.scalar_type() == at::kFloat || half) && offset.scalar_type() == scale.scalar_type() &&
                        scale.dim() == 2 && (scale.sizes() == offset.sizes() || no_offset),
-                   op, ": scale and offset must be float32 [N, K / block] of one shape (or offset [N, 0]: none), got ",
+                   op, ": scale and offset must be float32 or float16 [N, K / block], one type and one shape "
+                   "(or offset [N, 0]: none), got ",
                    scale.scalar_type(), " ", scale.sizes(), " and ", offset.scalar_type(), " ", offset.sizes());
   const int64_t M = x_in.size(0), N = scale.size(0), blocks = scale.size(1), K = blocks * block;
   TORCH_CHECK_VALUE(x_in.size(1) == K, op, ": x has ", x_in.size(1), " columns, the weight ", K);
@@ -663,9 +716,8 @@ Checked check_args(const char* op, const at::Tensor& x_in, const at::Tensor& cod
   Checked c{x_in.contiguous(), codes.contiguous(), scale.contiguous(), offset.contiguous(), at::Tensor(), Job{}};
   c.y = at::empty({M, N}, c.x.options());
   c.job = Job{c.x.const_data_ptr<float>(), static_cast<const uint8_t*>(c.codes.const_data_ptr()),
-              c.scale.const_data_ptr<float>(), no_offset ? nullptr : c.offset.const_data_ptr<float>(),
-              c.y.mutable_data_ptr<float>(),
-              M, N, K, row_bytes, blocks};
+              c.scale.const_data_ptr(), no_offset ? nullptr : c.offset.const_data_ptr(), half,
+              c.y.mutable_data_ptr<float>(), M, N, K, row_bytes, blocks};
   return c;
 }
 
@@ -719,13 +771,9 @@ at::Tensor block_linear_q8(const at::Tensor& x, const at::Tensor& codes, const a
   const Quantized q = quantize_activations(job, bl);
   const float* xsum = q.xsum.data();
   at::parallel_for(0, job.N, grain_rows(job.K), [&](int64_t n0, int64_t n1) {
-    if (b == 4) {
-      run_rows_q8_for<4, 32>(job, q, xsum, n0, n1);
-    } else if (bl == 32) {
-      run_rows_q8_for<8, 32>(job, q, xsum, n0, n1);
-    } else {
-      run_rows_q8_for<8, 16>(job, q, xsum, n0, n1);
-    }
+    with_layout(job, b, bl, [&](auto bits_c, auto block_c, auto h) {
+      run_rows_q8_for<decltype(bits_c)::value, decltype(block_c)::value, decltype(h)::value>(job, q, xsum, n0, n1);
+    });
   });
   return c.y;
 }

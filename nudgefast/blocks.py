@@ -32,6 +32,12 @@ import torch
 from .config import ConfigError
 
 
+def _exact_in_half(t: torch.Tensor) -> bool:
+    """Every value of float32 t survives a round trip through float16 (finite, same bits)."""
+    h = t.half()
+    return bool(torch.isfinite(h).all()) and bool(torch.equal(h.float(), t))
+
+
 @dataclass
 class BlockWeight:
     codes: torch.Tensor  # uint8 [N, K/2] (bits 4) or int8 [N, K] (bits 8)
@@ -51,9 +57,14 @@ class BlockWeight:
         if tuple(self.codes.shape) != want or self.offset.shape != self.scale.shape:
             raise ValueError(f"block weight parts disagree: codes {tuple(self.codes.shape)}, scale "
                              f"{tuple(self.scale.shape)}, offset {tuple(self.offset.shape)}")
-        # what the native op reads as offsets: none ([N, 0]) where every offset is zero (Q8_0, Q5_0,
-        # Q6_K), which saves a quarter of an 8-bit weight's bytes per token; same values either way
-        self.kernel_offset = self.offset if bool(self.offset.ne(0).any()) else self.offset.new_empty(n, 0)
+        # What the native op reads, the same values in fewer bytes per token: float16 scales and
+        # offsets where every one of them is a float16 exactly (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 hold
+        # GGML's own float16 d and m; K-quants' d * sc products usually are not); no offsets ([N, 0])
+        # where every offset is zero (Q8_0, Q5_0, Q6_K). A 4-bit block is then 20 bytes, as in the file.
+        offset = self.offset if bool(self.offset.ne(0).any()) else self.offset.new_empty(n, 0)
+        self.kernel_scale, self.kernel_offset = self.scale, offset
+        if self.scale.dtype == torch.float32 and _exact_in_half(self.scale) and _exact_in_half(offset):
+            self.kernel_scale, self.kernel_offset = self.scale.half(), offset.half()
 
     @property
     def shape(self) -> torch.Size:

@@ -76,7 +76,7 @@ class Backend:
             from .blocks import block_linear_q8_ref, block_linear_ref
             return (block_linear_q8_ref if w.act8 else block_linear_ref)(x, w, bias)
         op = self._block_linear_q8 if w.act8 else self._block_linear
-        y = op(x.reshape(-1, x.shape[-1]), w.codes, w.scale, w.kernel_offset, w.bits, w.block)
+        y = op(x.reshape(-1, x.shape[-1]), w.codes, w.kernel_scale, w.kernel_offset, w.bits, w.block)
         y = y.view(*x.shape[:-1], y.shape[-1])
         return y if bias is None else y + bias
 

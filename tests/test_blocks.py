@@ -66,15 +66,26 @@ def test_decoding_equals_gguf_dequantize_bit_for_bit(type_name, rows, cols):
     assert w.nbytes < want.numel() * 4 * (12 / 32 + 0.01)  # at most 12 bits per weight
 
 
-def random_weight(n: int, k: int, bits: int, block: int, seed: int = 0, zero_offset: bool = False) -> BlockWeight:
+def random_weight(n: int, k: int, bits: int, block: int, seed: int = 0, zero_offset: bool = False,
+                  half: bool = False) -> BlockWeight:
+    """half: scales and offsets that are float16 values (as Q4_0/Q4_1/Q8_0's are), which the native
+    op then reads as float16."""
     g = torch.Generator().manual_seed(seed)
     codes = (torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8) if bits == 4 else
              torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8))
     scale = torch.rand(n, k // block, generator=g) * 0.02
     offset = torch.randn(n, k // block, generator=g) * 0.05
+    if half:
+        scale, offset = scale.half().float(), offset.half().float()
     w = BlockWeight(codes, scale, offset * (not zero_offset), bits, block)
     assert w.kernel_offset.shape == ((n, 0) if zero_offset else offset.shape)  # zero offsets are not read
+    assert w.kernel_scale.dtype == w.kernel_offset.dtype == (torch.float16 if half else torch.float32)
     return w
+
+
+def float32_args(w: BlockWeight) -> tuple:
+    """The op's weight arguments with the scales and offsets kept as float32 (the same values)."""
+    return w.codes, w.scale, w.kernel_offset.float(), w.bits, w.block
 
 
 LAYOUTS = [(4, 32), (8, 32), (8, 16)]
@@ -108,11 +119,12 @@ LINEAR_CASES_16 = [(9, 48, 1), (6, 80, 3)]
 
 
 def linear_cases():
-    """(bits, block, N, K, M, zero_offset): every layout and shape, with offsets (Q4_1, Q4_K, ...) and
-    without (Q8_0, Q6_K: the op reads none) on alternate cases."""
+    """(bits, block, N, K, M, zero_offset, half): every layout and shape, with offsets (Q4_1, Q4_K, ...)
+    and without (Q8_0, Q6_K: the op reads none) on alternate cases, and on every third case scales and
+    offsets the op reads as float16 (Q4_0, Q4_1, Q8_0, ...)."""
     cases = [(bits, block, n, k, m) for bits, block in LAYOUTS for n, k, m in LINEAR_CASES] + [
         (8, 16, n, k, m) for n, k, m in LINEAR_CASES_16]
-    return [case + (i % 2 == 1,) for i, case in enumerate(cases)]
+    return [case + (i % 2 == 1, i % 3 == 0) for i, case in enumerate(cases)]
 
 
 def assert_linear_close(got, x, w):
@@ -132,13 +144,18 @@ def assert_q8_close(got, x, w):
 
 
 @native
-@pytest.mark.parametrize("bits, block, n, k, m, zero_offset", linear_cases())
-def test_native_block_linear_equals_reference(bits, block, n, k, m, zero_offset):
-    w = random_weight(n, k, bits, block, seed=n * k + m, zero_offset=zero_offset)
+@pytest.mark.parametrize("bits, block, n, k, m, zero_offset, half", linear_cases())
+def test_native_block_linear_equals_reference(bits, block, n, k, m, zero_offset, half):
+    w = random_weight(n, k, bits, block, seed=n * k + m, zero_offset=zero_offset, half=half)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
-    got = torch.ops.nudgefast.block_linear(x, w.codes, w.scale, w.kernel_offset, bits, block)
+    args = (w.codes, w.kernel_scale, w.kernel_offset, bits, block)
+    got = torch.ops.nudgefast.block_linear(x, *args)
     assert_linear_close(got, x, w)
-    assert_q8_close(torch.ops.nudgefast.block_linear_q8(x, w.codes, w.scale, w.kernel_offset, bits, block), x, w)
+    got_q8 = torch.ops.nudgefast.block_linear_q8(x, *args)
+    assert_q8_close(got_q8, x, w)
+    if half:  # float16 storage is the same float32 arithmetic on the same values: identical results
+        assert torch.equal(got, torch.ops.nudgefast.block_linear(x, *float32_args(w)))
+        assert torch.equal(got_q8, torch.ops.nudgefast.block_linear_q8(x, *float32_args(w)))
 
 
 @native
@@ -168,20 +185,24 @@ def test_backend_block_linear_takes_views_leading_dims_and_bias():
 # the portable one runs on every machine. Two threads split the rows of the last cases.
 KERNEL_SCRIPT = """
 import torch, nudgefast._C
-from test_blocks import linear_cases, random_weight, assert_linear_close, assert_q8_close
+from test_blocks import linear_cases, random_weight, assert_linear_close, assert_q8_close, float32_args
 chosen = torch.ops.nudgefast.block_kernels()
 assert chosen[0] == "exact:{kernel}", chosen
-for bits, block, n, k, m, zero_offset in linear_cases():
-    w = random_weight(n, k, bits, block, seed=n, zero_offset=zero_offset)
+for bits, block, n, k, m, zero_offset, half in linear_cases():
+    w = random_weight(n, k, bits, block, seed=n, zero_offset=zero_offset, half=half)
     x = torch.randn(m, k)
-    args = (w.codes, w.scale, w.kernel_offset, bits, block)
-    assert_linear_close(torch.ops.nudgefast.block_linear(x, *args), x, w)
-    assert_q8_close(torch.ops.nudgefast.block_linear_q8(x, *args), x, w)
+    args = (w.codes, w.kernel_scale, w.kernel_offset, bits, block)
+    got, got_q8 = torch.ops.nudgefast.block_linear(x, *args), torch.ops.nudgefast.block_linear_q8(x, *args)
+    assert_linear_close(got, x, w)
+    assert_q8_close(got_q8, x, w)
+    if half:
+        assert torch.equal(got, torch.ops.nudgefast.block_linear(x, *float32_args(w)))
+        assert torch.equal(got_q8, torch.ops.nudgefast.block_linear_q8(x, *float32_args(w)))
 torch.set_num_threads(2)
 for m in (1, 2, 3, 5, 20):
-    w = random_weight(1030, 128, 4, 32, seed=m, zero_offset=m in (3, 20))
+    w = random_weight(1030, 128, 4, 32, seed=m, zero_offset=m in (3, 20), half=m in (2, 20))
     x = torch.randn(m, 128)
-    args = (w.codes, w.scale, w.kernel_offset, 4, 32)
+    args = (w.codes, w.kernel_scale, w.kernel_offset, 4, 32)
     assert_linear_close(torch.ops.nudgefast.block_linear(x, *args), x, w)
     assert_q8_close(torch.ops.nudgefast.block_linear_q8(x, *args), x, w)
 print(chosen[1], "ok")
@@ -256,6 +277,8 @@ def test_native_block_linear_rejects_bad_inputs():
         op(torch.randn(1, 64), w.codes.view(torch.uint8), w.scale, w.offset, 8, 32)
     with pytest.raises(TypeError, match="offset"):
         op(torch.randn(1, 64), w.codes, w.scale, w.offset[:, :1], 8, 32)
+    with pytest.raises(TypeError, match="one type"):  # float16 scales with float32 offsets
+        op(torch.randn(1, 64), w.codes, w.scale.half(), w.offset, 8, 32)
     with pytest.raises(ValueError, match="unsupported layout"):
         op(torch.randn(1, 64), w.codes, w.scale, w.offset, 4, 16)
     assert op(torch.randn(1, 64), w.codes, w.scale, w.offset, 8, 32).shape == (1, 4)  # still usable
