@@ -12,6 +12,10 @@ TORCH_LIBRARY(nudgefast, m) {
   // kv_store.cpp: k, v [T, Hkv, D] into pages [num_pages, page_size, Hkv, D] at slot_mapping (int64 [T],
   // negative = skip).
   m.def("store_kv(Tensor k, Tensor v, Tensor(a!) k_pages, Tensor(b!) v_pages, Tensor slot_mapping) -> ()");
+  // kv_store_rope.cpp: float32 q [T, Hq, D] rotated in place; rotated k and v stored as store_kv does;
+  // cos, sin [max_positions, D / 2] (kv_store.rope_cache) at positions int64 [T].
+  m.def("store_kv_rope(Tensor(a!) q, Tensor k, Tensor v, Tensor(b!) k_pages, Tensor(c!) v_pages, "
+        "Tensor slot_mapping, Tensor positions, Tensor cos, Tensor sin) -> ()");
   // paged_attention.cpp: q [T, Hq, D]; block_tables int32 [B, P]; seq_lens int32 [B]; cu_q_lens int32 [B+1].
   m.def("paged_attention(Tensor q, Tensor k_pages, Tensor v_pages, Tensor block_tables, Tensor seq_lens, "
         "Tensor cu_q_lens, float scale, int window, float softcap) -> Tensor");
@@ -46,6 +50,7 @@ TORCH_LIBRARY(nudgefast, m) {
 
 TORCH_LIBRARY_IMPL(nudgefast, CPU, m) {
   m.impl("store_kv", &nudgefast::store_kv);
+  m.impl("store_kv_rope", &nudgefast::store_kv_rope);
   m.impl("paged_attention", &nudgefast::paged_attention);
   m.impl("nudge_step", &nudgefast::nudge_step);
   m.impl("sample", &nudgefast::sample);

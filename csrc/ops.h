@@ -15,6 +15,11 @@ namespace nudgefast {
 // slots slot_mapping[t] (int64; negative = skip), in place.
 void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_pages, at::Tensor& v_pages,
               const at::Tensor& slot_mapping);
+// kv_store_rope.cpp: q rotated in place (float32), rotated k and v into the pages at slot_mapping;
+// cos/sin [P, D / 2] rows at positions (kernels/kv_store.py store_kv_rope_ref).
+void store_kv_rope(at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_pages,
+                   at::Tensor& v_pages, const at::Tensor& slot_mapping, const at::Tensor& positions,
+                   const at::Tensor& cos, const at::Tensor& sin);
 
 // paged_attention.cpp: causal attention of the last q_len_b tokens of every row over the paged
 // KV cache (decode is q_len_b == 1). Returns [T, Hq, D] in q's dtype.

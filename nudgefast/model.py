@@ -77,9 +77,10 @@ class Transformer:
             from .kernels.activation import act_mul
             self._act_mul = act_mul
         self.rope_caches = None
-        if backend.fused_rope:
-            # With the fused RoPE + KV store (GPU), the cos/sin tables of every position are built
-            # once here instead of per step; the values are the per-step tables' (same elementwise ops).
+        if backend.fused_rope or (backend.rope_in_store and dtype == torch.float32):
+            # With RoPE inside the KV store (GPU; CPU native ops in float32), the cos/sin tables of every
+            # position are built once here instead of per step; the values are the per-step tables'
+            # (same elementwise ops), and the rotation's products and sums are the torch ops' too.
             from .kernels.kv_store import rope_cache
             # + 64: speculative drafts may run a few positions past the last emitted one
             self.rope_caches = [rope_cache(inv, spec.max_position_embeddings + 64, dtype, device)

@@ -29,11 +29,14 @@ class Backend:
         if kind not in ("triton", "native", "torch"):
             raise ValueError(f"unknown backend {kind!r}")
         self.kind = kind
-        # RoPE inside the KV store (store_kv_rope, one launch per layer): the GPU path only; the CPU
-        # paths keep the model's torch rotation.
+        # RoPE inside the KV store (store_kv_rope, one call per layer, rope tables built once): the
+        # GPU path, and the native CPU ops for float32 models (rope_in_store); the torch references
+        # keep the model's torch rotation. The fused norm and activation launches are GPU-only.
         self.fused_rope = kind == "triton"
+        self.rope_in_store = kind in ("triton", "native")
         if kind == "native":
             ops = torch.ops.nudgefast
+            self.store_kv_rope = ops.store_kv_rope  # float32 (Transformer uses it for float32 only)
             self._store = ops.store_kv
             self._native_attention = ops.paged_attention
             self._block_linear = ops.block_linear

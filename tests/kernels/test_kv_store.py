@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from nudgefast.kernels.kv_store import store_kv, store_kv_ref
+from nudgefast.ops import native_ops_available
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -158,10 +159,20 @@ def _model_rotate(x, inv_freq, positions):
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
 
+def _native_store_kv_rope(*args):
+    return torch.ops.nudgefast.store_kv_rope(*args)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("impl", [store_kv_rope, store_kv_rope_ref], ids=["triton", "ref"])
+@pytest.mark.parametrize("impl", [store_kv_rope, store_kv_rope_ref, _native_store_kv_rope],
+                         ids=["triton", "ref", "native"])
 @pytest.mark.parametrize("case", ROPE_CASES, ids=[c[0] for c in ROPE_CASES])
 def test_store_kv_rope_matches_the_model_ops(case, impl, dtype):
+    if impl is _native_store_kv_rope:  # the C++ op (csrc/kv_store_rope.cpp): float32 models on the CPU
+        if not native_ops_available():
+            pytest.skip("native ops not built")
+        if dtype != torch.float32:
+            pytest.skip("the native op is float32 only (the model uses it for float32 only)")
     _, n_tokens, n_q, n_kv, head_dim, page_size, num_pages, pattern = case
     gen = torch.Generator().manual_seed(3)
     fused = (4 * torch.randn(n_tokens, n_q + 2 * n_kv, head_dim, generator=gen)).to(dtype)  # a qkv buffer
@@ -192,6 +203,16 @@ def test_store_kv_rope_rejects_bad_tables():
     with pytest.raises(ValueError, match="even"):
         store_kv_rope(q[..., :15], k[..., :15], v[..., :15], pages[..., :15], pages[..., :15], slots, positions,
                       cos, sin)
+    if native_ops_available():
+        op = torch.ops.nudgefast.store_kv_rope
+        with pytest.raises(ValueError, match="tables"):
+            op(q, k, v, pages, pages.clone(), slots, positions, cos[:, :4], sin[:, :4])
+        with pytest.raises(IndexError, match="outside the rope tables"):
+            op(q, k, v, pages, pages.clone(), slots, torch.tensor([0, 10]), cos, sin)
+        with pytest.raises(IndexError, match="past the pool"):
+            op(q, k, v, pages, pages.clone(), torch.tensor([0, 8]), positions, cos, sin)
+        with pytest.raises(TypeError, match="float32"):
+            op(q.double(), k, v, pages, pages.clone(), slots, positions, cos, sin)
 
 
 @pytest.mark.gpu
