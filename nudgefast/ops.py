@@ -37,6 +37,7 @@ class Backend:
         if kind == "native":
             ops = torch.ops.nudgefast
             self.store_kv_rope = ops.store_kv_rope  # float32 (Transformer uses it for float32 only)
+            self._decode_cu: dict[int, torch.Tensor] = {}
             self._store = ops.store_kv
             self._native_attention = ops.paged_attention
             self._block_linear = ops.block_linear
@@ -97,8 +98,10 @@ class Backend:
                   softcap: float) -> torch.Tensor:
         if self.kind == "native":
             cu = meta.cu_q_lens
-            if cu is None:
-                cu = torch.arange(q.shape[0] + 1, dtype=torch.int32)
+            if cu is None:  # decode: one query per row; the same read-only offsets for every layer
+                cu = self._decode_cu.get(q.shape[0])
+                if cu is None:
+                    cu = self._decode_cu[q.shape[0]] = torch.arange(q.shape[0] + 1, dtype=torch.int32)
             return self._native_attention(q, k_pages, v_pages, meta.block_tables, meta.seq_lens, cu,
                                           scale, window, softcap)
         if meta.is_decode:
