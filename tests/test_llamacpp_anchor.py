@@ -11,6 +11,7 @@ import sys
 import types
 
 import numpy as np
+import torch
 import pytest
 
 import nudgefast as nf
@@ -129,3 +130,18 @@ def test_bench_adds_llama_cpp_only_where_it_can_decode_the_same_thing(monkeypatc
     monkeypatch.setattr(llamacpp, "available", lambda: True)
     engine.device = types.SimpleNamespace(type="cuda")
     assert runners.cpu_anchors(models, base_only) == []
+
+
+def test_bench_runs_the_llama_cpp_anchor_and_records_its_tokens(fake_llama, monkeypatch, tmp_path):
+    """The bench's AnchorRunner on the llama.cpp anchor: no transformers model is loaded, and the
+    record carries llama.cpp's tokens and per-token latencies (it once crashed counting forwards)."""
+    from nudgefast.bench import runners
+
+    engine = types.SimpleNamespace(device=torch.device("cpu"), base=types.SimpleNamespace(dir=tmp_path))
+    models = types.SimpleNamespace(engine=engine, dense_dtype="float32",
+                                   load_hf=lambda: pytest.fail("llama.cpp needs no transformers model"))
+    monkeypatch.setattr(runners, "gguf_source", lambda d: tmp_path / "m.gguf")
+    cfg = nf.NudgeConfig(mode="base_only", max_new_tokens=5, stop_token_ids=[])
+    rec = runners.AnchorRunner("llamacpp", models, cfg, [[5, 2, 7]], [[1]], [], None).run()
+    assert rec.token_ids == [greedy(7, 5)] and rec.finish == ["length"]
+    assert rec.forwards == {} and len(rec.latencies) == 4

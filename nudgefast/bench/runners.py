@@ -260,7 +260,7 @@ class AnchorRunner:
     def run(self, count_syncs: bool = False) -> RunRecord:
         anchors = load_anchors()
         cfg = self.config
-        hf = self.models.load_hf() if self.name != "llamacpp" else None
+        hf = self.models.load_hf() if self.name != "llamacpp" else {}  # llama.cpp: no transformers model
         device = self.models.engine.device
         _sync(device)
         forwards = dict.fromkeys(hf, 0)
