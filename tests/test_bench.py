@@ -257,7 +257,11 @@ def test_gguf_rows_stand_next_to_dense_rows_of_the_same_run(gguf_model, tmp_path
     types = engines["nudgefast-gguf"]["sides"]["base"]["gguf_file_types"]
     assert {"Q8_0", "Q4_1"} <= set(types)
     rows = {s["engine"]: s for s in result["scenarios"]}
-    assert set(rows) == {"nudgefast", "nudgefast-gguf", "hf_generate"}
+    # llama.cpp runs on the same GGUF file where llama-cpp-python is installed (never in CI)
+    assert set(rows) - {"llamacpp"} == {"nudgefast", "nudgefast-gguf", "hf_generate"}
+    if "llamacpp" in rows:
+        assert rows["llamacpp"]["weights_format"] == "gguf" and "llama.cpp" in rows["llamacpp"]["weights_read"]
+        assert rows["llamacpp"]["decode_tokens_per_s"] > 0  # a decode rate without a bytes-per-token bound
     assert rows["nudgefast-gguf"]["weights_read"].startswith("GGUF blocks (") and "Q4_1" in rows["nudgefast-gguf"][
         "weights_read"]
     # each engine's own bytes: the blocks are fewer than the dense float32 weights

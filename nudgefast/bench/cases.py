@@ -297,13 +297,14 @@ def summarize(runner, case: Case, cfg: NudgeConfig, runs: list[RunRecord], cuda_
     bpt = bytes_per_token(runner, case, cfg, runs, context, hf_bytes)
     entry["bytes_per_token"] = bpt
     entry.update(bandwidth_bound_tokens_per_s=None, decode_tokens_per_s=None, fraction_of_bound=None)
-    if bandwidth and bpt["bytes"]:
+    # the decode phase of each run: after its first token (prefill excluded); an anchor whose bytes
+    # per token are unknown (llama.cpp) still has a decode rate, only no bound
+    decode = [(r.tokens - case.batch) / (r.seconds - r.ttft) for r in runs if r.ttft is not None]
+    if decode:
+        entry["decode_tokens_per_s"] = statistics.median(decode)
+    if decode and bandwidth and bpt["bytes"]:
         bound = bandwidth["gbps"] * 1e9 / bpt["bytes"] * case.batch
-        # the decode phase of each run: after its first token (prefill excluded)
-        decode = [(r.tokens - case.batch) / (r.seconds - r.ttft) for r in runs if r.ttft is not None]
-        if decode:
-            rate = statistics.median(decode)
-            entry.update(bandwidth_bound_tokens_per_s=bound, decode_tokens_per_s=rate, fraction_of_bound=rate / bound)
+        entry.update(bandwidth_bound_tokens_per_s=bound, fraction_of_bound=entry["decode_tokens_per_s"] / bound)
     return entry
 
 

@@ -237,7 +237,7 @@ def describe_weights(engine: NudgingEngine) -> dict:
     for tables. Block layouts are nudgefast's (blocks.py widens 5- and 6-bit types to 8-bit codes)."""
     from ..blocks import BlockWeight
 
-    sides, formats = {}, set()
+    sides, formats, act8 = {}, set(), False
     for role in ("base", "nudger"):
         loaded = getattr(engine, role)
         if loaded is None:
@@ -251,6 +251,7 @@ def describe_weights(engine: NudgingEngine) -> dict:
                    else f"dense {str(t.dtype).replace('torch.', '')}")
             layouts[key] = layouts.get(key, 0) + 1
         blocks = any(isinstance(t, BlockWeight) for t in tensors)
+        act8 = act8 or any(isinstance(t, BlockWeight) and t.act8 for t in tensors)
         formats.add("gguf" if blocks else "dense")
         side = {"format": "gguf" if blocks else "dense", "tensors": layouts}
         if blocks:
@@ -264,6 +265,8 @@ def describe_weights(engine: NudgingEngine) -> dict:
         types = sorted({t for side in sides.values() for t in side.get("gguf_file_types", {})
                         if t not in ("F32", "F16", "BF16")})
         label = f"GGUF blocks ({', '.join(types)}) + {dtype} norms"
+        if act8:  # weights="gguf-q8": decode multiplies by activations quantized to int8 per block
+            label += ", 8-bit activations (gguf-q8)"
     return {"format": fmt, "label": label, "sides": sides}
 
 

@@ -254,6 +254,8 @@ class AnchorRunner:
                  word_start):
         self.name, self.models, self.config = name, models, config
         self.weights = {"format": "dense", "label": f"{models.dense_dtype} dense (transformers, model.safetensors)"}
+        if name == "llamacpp":  # the GGUF file the models were converted from, in llama.cpp's own kernels
+            self.weights = {"format": "gguf", "label": "GGUF file (llama.cpp; activations quantized to 8 bits)"}
         self.base_prompt, self.nudger_prompt = base_prompts[0], nudger_prompts[0]
         self.stop_ids, self.word_start = set(stop_ids), word_start
 
