@@ -75,6 +75,32 @@ NF_INLINE float load_s(const void* p, int64_t i) {
   return static_cast<const float*>(p)[i];
 }
 
+// Software prefetch of weight rows [n0, n1) (codes, scales, offsets), clipped to the weight. Why: a
+// register tile reads R rows block by block, R short interleaved streams (a 640-column 8-bit row is
+// 10 cache lines) that the hardware prefetchers follow poorly. Measured on AMD EPYC (Zen 5), one
+// thread, a 262144 x 640 8-bit head (gemma-3's), the tile loop alone: 45 ms without, 17-25 ms with
+// the rows a few KB ahead requested at each tile's start.
+template <bool H>
+NF_INLINE void prefetch_rows(const Job& job, int64_t n0, int64_t n1) {
+  n1 = std::min(n1, job.N);
+  if (n0 >= n1) return;
+  const char* codes = reinterpret_cast<const char*>(job.codes + n0 * job.row_bytes);
+  for (int64_t i = 0; i < (n1 - n0) * job.row_bytes; i += 64) __builtin_prefetch(codes + i, 0, 3);
+  const int64_t bytes = (n1 - n0) * job.blocks * (H ? 2 : 4);
+  const char* scale = static_cast<const char*>(job.scale) + n0 * job.blocks * (H ? 2 : 4);
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(scale + i, 0, 3);
+  if (job.offset) {
+    const char* offset = static_cast<const char*>(job.offset) + n0 * job.blocks * (H ? 2 : 4);
+    for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(offset + i, 0, 3);
+  }
+}
+
+// How far ahead (in rows, a multiple of R) a tile of R rows prefetches: at least two tiles and ~4 KB.
+NF_INLINE int64_t prefetch_ahead(const Job& job, int64_t R) {
+  const int64_t tile_bytes = std::max<int64_t>(1, R * job.row_bytes);
+  return R * std::max<int64_t>(2, (4096 + tile_bytes - 1) / tile_bytes);
+}
+
 // The codes of block b of a weight row as B / 8 float vectors.
 template <int BITS, int B>
 NF_INLINE void decode(const uint8_t* row, int64_t b, f32x8* c) {
@@ -122,7 +148,9 @@ NF_INLINE void row_dot(const Job& job, const float* xsum, int64_t n, int64_t m0)
 // The portable kernel (any CPU without AVX2): same loop over GCC vector extensions.
 template <int BITS, int B, bool H>
 void rows(const Job& job, const float* xsum, int64_t n0, int64_t n1) {
+  const int64_t ahead = prefetch_ahead(job, 1);
   for (int64_t n = n0; n < n1; ++n) {
+    prefetch_rows<H>(job, n + ahead, std::min(n1, n + ahead + 1));
     int64_t m = 0;
     for (; m + 4 <= job.M; m += 4) row_dot<BITS, B, H, 4>(job, xsum, n, m);
     for (; m < job.M; ++m) row_dot<BITS, B, H, 1>(job, xsum, n, m);
@@ -254,7 +282,9 @@ NF_AVX2 void row_dot_avx2(const Job& job, const float* xsum, int64_t n, int64_t 
 
 template <int BITS, int B, bool H>
 __attribute__((target(NF_AVX2_TARGET))) void rows_avx2(const Job& job, const float* xsum, int64_t n0, int64_t n1) {
+  const int64_t ahead = prefetch_ahead(job, 1);
   for (int64_t n = n0; n < n1; ++n) {
+    prefetch_rows<H>(job, n + ahead, std::min(n1, n + ahead + 1));
     int64_t m = 0;
     for (; m + 8 <= job.M; m += 8) row_dot_avx2<BITS, B, H, 8>(job, xsum, n, m);
     if (m + 4 <= job.M) { row_dot_avx2<BITS, B, H, 4>(job, xsum, n, m); m += 4; }
@@ -382,8 +412,12 @@ NF_AVX512 void mpass_avx512(const Job& job, const float* xsum, int64_t n) {
 template <int BITS, int B, bool H, int R>
 __attribute__((target(NF_AVX512_TARGET))) void rows_tiled_avx512(const Job& job, const float* xsum, int64_t n0,
                                                                  int64_t n1) {
+  const int64_t ahead = prefetch_ahead(job, R);
   int64_t n = n0;
-  for (; n + R <= n1; n += R) mpass_avx512<BITS, B, H, R>(job, xsum, n);
+  for (; n + R <= n1; n += R) {
+    prefetch_rows<H>(job, n + ahead, std::min(n1, n + ahead + R));
+    mpass_avx512<BITS, B, H, R>(job, xsum, n);
+  }
   for (; n < n1; ++n) mpass_avx512<BITS, B, H, 1>(job, xsum, n);
 }
 
@@ -487,8 +521,12 @@ __attribute__((target(NF_VNNI_TARGET))) void rows_q8_vnni(const Job& job, const 
     const int8_t* xqm = xq + m * job.K;
     const float* dxm = dx + m * job.blocks;
     const float* xsm = xsum + m * job.blocks;
+    const int64_t ahead = prefetch_ahead(job, 4);
     int64_t n = n0;
-    for (; n + 4 <= n1; n += 4) tile_q8_vnni<BITS, B, H, 4>(job, xqm, dxm, xsm, n, m);
+    for (; n + 4 <= n1; n += 4) {
+      prefetch_rows<H>(job, n + ahead, std::min(n1, n + ahead + 4));
+      tile_q8_vnni<BITS, B, H, 4>(job, xqm, dxm, xsm, n, m);
+    }
     for (; n < n1; ++n) tile_q8_vnni<BITS, B, H, 1>(job, xqm, dxm, xsm, n, m);
   }
 }
