@@ -545,7 +545,7 @@ if HAS_TRITON:
         tl.store(sl_ptr + row, tl.load(sl_ptr + row) + count.to(tl.int32), mask=running)
         tl.store(slot_ptr + row, slot, mask=running)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["B", "C"])
     def _nudge_step_kernel(
         base_ptr, base_stride, Vb, nudger_ptr, nudger_stride, Vn,
         seed_ptr, wstate_ptr, span_ptr, fin_ptr, nout_ptr, nnud_ptr,

@@ -422,7 +422,9 @@ if HAS_TRITON:
         tl.store(it_ptr + rec * _NUM_INTS + _I_ARG, arg)
         tl.store(it_ptr + rec * _NUM_INTS + _I_BI, bi)
 
-    @triton.jit
+    # Runtime sizes that must not multiply compiles (Triton specialises ints equal to 1 or divisible
+    # by 16): rows, chunks, positions per row and the pass index.
+    @triton.jit(do_not_specialize=["R", "C", "P", "stream0"])
     def _split_scan_kernel(l0_ptr, l0_stride_r, l0_stride_p, V0, CH0, l1_ptr, l1_stride_r, l1_stride_p, V1, CH1,
                            seed_ptr, step_ptr, fin_ptr, itemp_ptr, mode_ptr, fl_ptr, it_ptr, R, C, P, stream0,
                            MODELS: tl.constexpr, STATS0: tl.constexpr, MAX_SAMPLE: tl.constexpr,
@@ -496,7 +498,7 @@ if HAS_TRITON:
             mass = mass_above_span(row_ptr, start, end, inv_temp, mt, cut, NUC_BLOCK, _NUC_SPLITS)
             tl.store(mass_ptr + (here * C + c) * _NUC_SPLITS + tl.arange(0, _NUC_SPLITS), mass)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["R", "C", "P", "stream0", "q"])
     def _split_nucleus_kernel(l0_ptr, l0_stride_r, l0_stride_p, V0, CH0, l1_ptr, l1_stride_r, l1_stride_p, V1, CH1,
                               seed_ptr, step_ptr, fin_ptr, itemp_ptr, topp_ptr, mode_ptr, fl_ptr, it_ptr, mass_ptr,
                               lohi_ptr, R, C, P, stream0, q, MODELS: tl.constexpr, MAX_SAMPLE: tl.constexpr,
@@ -527,7 +529,7 @@ if HAS_TRITON:
                                    inv_temp, top_p, fl_ptr, it_ptr, mass_ptr, lohi_ptr, slot, C, FINAL, BLOCK,
                                    NUC_BLOCK, C_BLOCK)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["C"])
     def _sample_kernel(logits_ptr, row_stride, V, seed_ptr, step_ptr, out_ptr, stream, itemp_ptr, topp_ptr,
                        mode_ptr, fl_ptr, it_ptr, C, MAX_SAMPLE: tl.constexpr, BLOCK: tl.constexpr,
                        SPLIT: tl.constexpr, C_BLOCK: tl.constexpr):

@@ -169,7 +169,7 @@ if HAS_TRITON:
     _STATE_BASE = tl.constexpr(STATE_BASE)
     _FINISH_NONE = tl.constexpr(FINISH_NONE)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["C"])
     def _spec_accept_kernel(
         verify_ptr, v_stride_b, v_stride_k, V, draft_ptr, d_stride, K,
         seed_ptr, wstate_ptr, span_ptr, fin_ptr, nout_ptr, nnud_ptr,
