@@ -25,9 +25,15 @@ are not touched at all, cursors included), with that row's parameters:
    seq_lens += 1, slot_mapping = block_tables[row, pos // page] * page + pos % page for the new pos
    (-1 when pos falls past the block table: the engine reserves pages so that never happens).
 
-`nudge_step_ref` is vectorised torch (no loop over rows, no host sync); `nudge_step` is one Triton
-launch, one program per row. The rule, ending and splice exist once per implementation here and are
-reused by spec_accept.py.
+`nudge_step_ref` is vectorised torch (no loop over rows, no host sync); `nudge_step` is Triton with
+one program per row for the rule, ending and splice. Programs per row for the vocabulary scans:
+before the split 1 (every row's base and nudger scans in its one program, one launch per step);
+now, when the B rows do not fill the SMs, C per row and model (vocab_split.plan_chunks; 64 for a
+262k vocabulary at batch 1): the chunk records (one launch over B x C x models programs), for a
+nucleus-capable batch 8 search passes and the draw (9 launches of the same grid), then the step
+kernel combines the records: 2 launches per step (greedy / Gumbel), 11 (nucleus); 1 as before
+when C = 1. The rule, ending and splice exist once per implementation here and are reused by
+spec_accept.py.
 """
 from dataclasses import dataclass
 

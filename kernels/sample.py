@@ -10,16 +10,24 @@ kernels, which call the same @triton.jit helpers):
   The draw is argmax over kept i of (s_i + g_i), g_i = gumbel(seed, step, stream, i) from rng.py:
   Gumbel-max, an exact draw from the renormalised nucleus, a pure function of its key.
 
-Cost of one draw (one program per row, streaming the row in blocks, nothing kept on chip):
+Cost of one draw, single program per row (streaming the row in blocks, nothing kept on chip):
 - greedy: 1 pass; temperature with top_p == 1: 1 pass (+ 2 hash rounds and 2 logs per entry);
 - nucleus: 1 pass (max and sum of exp) + NUCLEUS_PASSES = 8 passes of a 16-way search over the
   float32 bit pattern of the cutoff (the cutoff lies in [0, 1], bit patterns 0..0x3F800000 < 2**30,
   4 bits per pass; each pass sums, for 16 candidate cutoffs at once, the mass strictly above them,
   for one exp per entry) + 1 Gumbel pass: 10 passes in all, against about 32 for a binary bisection.
   The caller's row stays in L2 between passes at these sizes (a 262144-entry bf16 row is 512 KiB).
-With one program per row only B SMs work, so a pass is bound by one SM's load latency, not by HBM
-bandwidth: 2048 entries per iteration at 8 warps keep 4-8 KiB in flight. If profiling shows the
-step matters at large vocabularies, split rows across programs with a second combine step.
+With one program per row only B SMs work, so at small batches a pass is bound by one SM's load
+latency and arithmetic, not by HBM bandwidth. So the launchers split rows (vocab_split.py): when
+B rows do not fill the SMs, each row is cut into C chunks (C from vocab_split.plan_chunks: ~2
+programs per SM, chunks of >= 4096 entries in whole 2048-entry blocks, C <= 128; a 262k row at
+batch 1 gets 64 programs), `_split_scan_kernel` writes one record per (row, chunk) (the same pass
+as above, over the chunk), each nucleus search pass and the final draw become a (row, chunk) launch
+of `_split_nucleus_kernel`, and one program per row combines the records. Launches per call:
+  before: 1 (one program per row);  C = 1 (large batches): 1, unchanged;
+  C > 1: 2 for a greedy / Gumbel batch (records + combine), 11 for a nucleus-capable batch
+  (records + 8 search passes + draw + combine). The combine is exact for the tokens (same noise,
+  first-index tie rule); see vocab_split.py.
 The reference (the CPU path) sorts only when a top-1024 does not settle the nucleus, and draws noise
 only for the tokens that can still win (see sample_ref); it reads one count on the host to choose.
 The kernel and the reference agree token for token except at float-rounding boundaries (a cutoff

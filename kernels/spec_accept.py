@@ -28,6 +28,13 @@ The nudger's holds KV only for [last, d_0..d_{K-2}], so when c == K + 1 (d_{K-1}
 bonus) the position just before the new one has no nudger KV: SpecStats.prev_kv_missing says so and
 SpecStats.prev_token gives the token there, for the engine to run the nudger's next step on
 [prev_token, input_ids] at [positions - 1, positions].
+
+Programs: the single-program kernel (one program per row, one launch) scans each position it
+reaches in turn. When the B x (K+1) verify positions do not fill the SMs, the launcher instead splits
+every position's row into C chunks (vocab_split.py): records for all positions of all running rows
+at once (position i drawn with step n_out + i, the step it has whenever the round reaches it), the
+split nucleus search where needed, then the per-row replay combines: 2 launches (11 nucleus-capable)
+instead of 1, positions after a rejection scanned too (in parallel, at no latency cost).
 """
 from dataclasses import dataclass
 
