@@ -513,8 +513,11 @@ def _table_rows(rows):
 
 
 def _summarise_params(params):
-    keys = list(params[0])
-    return "; ".join(f"{k} {'/'.join(str(v) for v in sorted({p[k] for p in params}, key=str))}" for k in keys)
+    # one compile can serve launchers of different families (the sampler's split scan is also the
+    # nudger-only gate's): the union of their parameters
+    keys = list(dict.fromkeys(k for p in params for k in p))
+    return "; ".join(f"{k} {'/'.join(str(v) for v in sorted({p[k] for p in params if k in p}, key=str))}"
+                     for k in keys)
 
 
 def main(argv=None):
