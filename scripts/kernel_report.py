@@ -491,9 +491,10 @@ def _summary(rows):
             hd = p.get("head_dim")
             regs, stack = cell.get(hd, (0, 0))
             cell[hd] = (max(regs, r["registers"]), max(stack, r["stack"]))
-    for (_, kernel, target), cell in sorted(seen.items()):
+    for (fam, kernel, target), cell in sorted(seen.items()):
         fmt = lambda hd: "-" if hd not in cell else f"{cell[hd][0]} / {cell[hd][1]}"  # noqa: E731
-        out.append(f"| `{kernel}` | {target} | {fmt(64)} | {fmt(128)} | {fmt(256)} | {fmt(None)} |")
+        out.append(f"| `{kernel}` ({FAMILIES[fam].name}) | {target} | {fmt(64)} | {fmt(128)} | {fmt(256)} | "
+                   f"{fmt(None)} |")
     return out
 
 
