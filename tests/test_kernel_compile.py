@@ -26,8 +26,8 @@ SCRIPT = ROOT / "scripts" / "kernel_report.py"
 # What each family must launch (a launcher that silently stopped launching a kernel would pass the
 # spill check vacuously).
 EXPECTED_KERNELS = {"_decode_kernel", "_decode_merge_kernel", "_prefill_kernel", "_store_kv_kernel", "_store_kv_rope_kernel",
-                    "_add_rms_norm_kernel", "_act_mul_kernel", "_nudge_step_kernel", "_sample_kernel", "_spec_accept_kernel",
-                    "_split_scan_kernel", "_split_nucleus_kernel"}
+                    "_add_rms_norm_kernel", "_act_mul_kernel", "_nudge_step_kernel", "_sample_kernel",
+                    "_spec_accept_kernel", "_split_scan_kernel", "_split_nucleus_kernel"}
 
 
 def _report(tmp_path, *args, timeout):

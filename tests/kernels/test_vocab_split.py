@@ -105,7 +105,8 @@ def test_chunk_records_combine_to_the_unsplit_answers(V, chunks):
                                                                 torch.stack([r[1] for r in recs], 1))
     assert torch.equal(greedy, x.argmax(dim=-1))
     plain = torch.where(sampled, SAMPLE_GUMBEL, SAMPLE_GREEDY).to(torch.int32)  # the draw without the nucleus
-    assert torch.equal(torch.where(sampled, draw, greedy), sample_rows_ref(x, seeds, step, 0, inv, torch.ones_like(inv), plain))
+    want = sample_rows_ref(x, seeds, step, 0, inv, torch.ones_like(inv), plain)
+    assert torch.equal(torch.where(sampled, draw, greedy), want)
     want_p, want_h = base_stats_ref(x)
     torch.testing.assert_close(p_top, want_p, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(entropy, want_h, rtol=1e-5, atol=1e-5)
