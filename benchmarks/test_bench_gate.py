@@ -6,9 +6,9 @@ One decode step of nudging (word granularity, top-prob gate) for the whole batch
 both candidates, the rule, the ending and the splice of both cursors. Vocabularies: 49152
 (SmolLM2) and 262144 (gemma-3), batch 1 and 8, greedy / temperature / temperature + top-p 0.9.
 The "mixed" case gives the rows of one batch different samplers (greedy, temperature, top-p in
-turn: per-row parameters, one launch). CPU: the reference (the CPU engine's step). CUDA (skipped
-without it): the reference on the GPU and
-the Triton kernel, bf16 logits. Logits are language-model shaped (see _lm_like). Every timed call
+turn: per-row parameters). CPU: the reference (the CPU engine's step). CUDA (skipped without it):
+the reference on the GPU, the Triton step as launched (rows split over programs at these batches:
+2 launches, 11 with top-p) and with one program per row (chunks=1, 1 launch), bf16 logits. Logits are language-model shaped (see _lm_like). Every timed call
 first resets n_out, finished and the cursor positions (a few tiny ops, the same for both), so no
 row finishes during the measurement.
 """
@@ -94,7 +94,9 @@ def _copy(obj):
 
 def check_against_reference(step, base_logits, nudger_logits, state, params, base, nudger, start):
     """What is timed computes what the reference computes: one step from the timed start state,
-    every state and cursor tensor compared (same logits, same device)."""
+    every state and cursor tensor compared (same logits, same device). Exact on CUDA only because
+    these rows' decisions are far from rounding boundaries: the kernel's exp/log are fast-math and
+    FMA-contracted, the reference's are not (tests/gpu_margins.py measures such margins)."""
     runs = []
     for fn in (step, nudge_step_ref):
         s, b, n = _copy(state), _copy(base), _copy(nudger)
@@ -130,4 +132,17 @@ def test_gate_ref_cuda(benchmark, vocab, batch, sampling):
 @pytest.mark.benchmark(group="nudge_step")
 @pytest.mark.parametrize("vocab,batch,sampling", CASES)
 def test_gate_triton_cuda(benchmark, vocab, batch, sampling):
+    # the launcher's choice: rows split over programs at these batches (kernels/vocab_split.py)
     _run(benchmark, nudge_step, batch, vocab, sampling, torch.bfloat16, "cuda")
+
+
+def nudge_step_one_program(*args):
+    """nudge_step with one program per row (chunks=1): the layout before the vocabulary split."""
+    return nudge_step(*args, chunks=1)
+
+
+@needs_cuda
+@pytest.mark.benchmark(group="nudge_step")
+@pytest.mark.parametrize("vocab,batch,sampling", CASES)
+def test_gate_triton_one_program_cuda(benchmark, vocab, batch, sampling):
+    _run(benchmark, nudge_step_one_program, batch, vocab, sampling, torch.bfloat16, "cuda")

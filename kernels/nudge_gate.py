@@ -25,9 +25,15 @@ are not touched at all, cursors included), with that row's parameters:
    seq_lens += 1, slot_mapping = block_tables[row, pos // page] * page + pos % page for the new pos
    (-1 when pos falls past the block table: the engine reserves pages so that never happens).
 
-`nudge_step_ref` is vectorised torch (no loop over rows, no host sync); `nudge_step` is one Triton
-launch, one program per row. The rule, ending and splice exist once per implementation here and are
-reused by spec_accept.py.
+`nudge_step_ref` is vectorised torch (no loop over rows, no host sync); `nudge_step` is Triton with
+one program per row for the rule, ending and splice. Programs per row for the vocabulary scans:
+before the split 1 (every row's base and nudger scans in its one program, one launch per step);
+now, when the B rows do not fill the SMs, C per row and model (vocab_split.plan_chunks; 64 for a
+262k vocabulary at batch 1): the chunk records (one launch over B x C x models programs), for a
+nucleus-capable batch 8 search passes and the draw (9 launches of the same grid), then the step
+kernel combines the records: 2 launches per step (greedy / Gumbel), 11 (nucleus); 1 as before
+when C = 1. The rule, ending and splice exist once per implementation here and are reused by
+spec_accept.py.
 """
 from dataclasses import dataclass
 
@@ -36,6 +42,7 @@ import torch
 from nudgefast.kernels import HAS_TRITON
 from nudgefast.kernels.sample import (NUM_WARPS, SAMPLE_GREEDY, SAMPLE_GUMBEL, SAMPLE_NUCLEUS, SCAN_BLOCK,
                                       check_logits, inverse_temperature, sample_mode, sample_rows_ref)
+from nudgefast.kernels.vocab_split import SPLIT_MAX_CHUNKS, plan_chunks
 
 MODE_NUDGING, MODE_BASE_ONLY, MODE_NUDGER_ONLY = 0, 1, 2
 GATE_TOP_PROB, GATE_ENTROPY = 0, 1
@@ -456,7 +463,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     from nudgefast.kernels.rng import row_key
-    from nudgefast.kernels.sample import finish_sample, sample_row, scan_row
+    from nudgefast.kernels.sample import combine_chunks, finish_sample, sample_row, scan_row, split_scan
 
     _MODE_NUDGING = tl.constexpr(MODE_NUDGING)
     _MODE_BASE_ONLY = tl.constexpr(MODE_BASE_ONLY)
@@ -482,6 +489,14 @@ if HAS_TRITON:
         """(b, confident): the gate statistics ride along the first sampling pass over the row."""
         p_top, entropy, best, mt, zt = scan_row(row_ptr, V, key, inv_temp, sample, STATS, MAX_SAMPLE, BLOCK)
         b = finish_sample(row_ptr, V, key, inv_temp, top_p, sample, best, mt, zt, MAX_SAMPLE, BLOCK)
+        confident = tl.where(gate == _GATE_TOP_PROB, p_top >= threshold, entropy <= threshold)
+        return b.to(tl.int64), confident
+
+    @triton.jit
+    def base_candidate_split(fl_ptr, it_ptr, slot, C, sample, gate, threshold, STATS: tl.constexpr,
+                             C_BLOCK: tl.constexpr):
+        """base_candidate from the row's chunk records (vocab_split.py), written by split_scan."""
+        b, p_top, entropy = combine_chunks(fl_ptr, it_ptr, slot, C, sample, STATS, C_BLOCK)
         confident = tl.where(gate == _GATE_TOP_PROB, p_top >= threshold, entropy <= threshold)
         return b.to(tl.int64), confident
 
@@ -536,7 +551,7 @@ if HAS_TRITON:
         tl.store(sl_ptr + row, tl.load(sl_ptr + row) + count.to(tl.int32), mask=running)
         tl.store(slot_ptr + row, slot, mask=running)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["B", "C"])
     def _nudge_step_kernel(
         base_ptr, base_stride, Vb, nudger_ptr, nudger_stride, Vn,
         seed_ptr, wstate_ptr, span_ptr, fin_ptr, nout_ptr, nnud_ptr,
@@ -544,10 +559,13 @@ if HAS_TRITON:
         gate_ptr, thr_ptr, word_ptr, itemp_ptr, topp_ptr, smode_ptr, maxnew_ptr,
         bc_ids, bc_pos, bc_sl, bc_slot, bc_bt, bc_bt_stride, bc_P, bc_page,
         nc_ids, nc_pos, nc_sl, nc_slot, nc_bt, nc_bt_stride, nc_P, nc_page,
+        fl_ptr, it_ptr, B, C,
         MODE: tl.constexpr, MAX_SAMPLE: tl.constexpr,
         HAS_BASE_CURSOR: tl.constexpr, HAS_NUDGER_CURSOR: tl.constexpr, BLOCK: tl.constexpr,
-        S_BLOCK: tl.constexpr,
+        S_BLOCK: tl.constexpr, SPLIT: tl.constexpr, C_BLOCK: tl.constexpr,
     ):
+        """One program per row. SPLIT: the candidates and the gate statistics come from the chunk
+        records split_scan wrote (record rows: the base's 0..B-1, then the nudger's in nudging mode)."""
         row = tl.program_id(0)
         if tl.load(fin_ptr + row) == _FINISH_NONE:
             n_out = tl.load(nout_ptr + row)
@@ -560,12 +578,24 @@ if HAS_TRITON:
             n = tl.zeros([], tl.int64)
             confident = b != b
             if MODE != _MODE_NUDGER_ONLY:
-                b, confident = base_candidate(base_ptr + row.to(tl.int64) * base_stride, Vb, row_key(seed, n_out, 0),
-                                              inv_temp, top_p, sample, tl.load(gate_ptr + row),
-                                              tl.load(thr_ptr + row), MODE == _MODE_NUDGING, MAX_SAMPLE, BLOCK)
+                if SPLIT:
+                    b, confident = base_candidate_split(fl_ptr, it_ptr, row, C, sample, tl.load(gate_ptr + row),
+                                                        tl.load(thr_ptr + row), MODE == _MODE_NUDGING, C_BLOCK)
+                else:
+                    b, confident = base_candidate(base_ptr + row.to(tl.int64) * base_stride, Vb,
+                                                  row_key(seed, n_out, 0), inv_temp, top_p, sample,
+                                                  tl.load(gate_ptr + row), tl.load(thr_ptr + row),
+                                                  MODE == _MODE_NUDGING, MAX_SAMPLE, BLOCK)
             if MODE != _MODE_BASE_ONLY:
-                n = sample_row(nudger_ptr + row.to(tl.int64) * nudger_stride, Vn, row_key(seed, n_out, 1),
-                               inv_temp, top_p, sample, MAX_SAMPLE, BLOCK).to(tl.int64)
+                if SPLIT:
+                    slot = row
+                    if MODE == _MODE_NUDGING:
+                        slot = row + B  # the nudger's records follow the base's
+                    n, _p, _h = combine_chunks(fl_ptr, it_ptr, slot, C, sample, False, C_BLOCK)
+                    n = n.to(tl.int64)
+                else:
+                    n = sample_row(nudger_ptr + row.to(tl.int64) * nudger_stride, Vn, row_key(seed, n_out, 1),
+                                   inv_temp, top_p, sample, MAX_SAMPLE, BLOCK).to(tl.int64)
             word_state = tl.load(wstate_ptr + row)
             span = tl.load(span_ptr + row)
             token, from_nudger, word_state, span = gate_rule(b, n, confident, word_state, span,
@@ -616,16 +646,34 @@ def _rows(logits: torch.Tensor | None, dummy: torch.Tensor) -> list:
 
 
 def nudge_step(base_logits: torch.Tensor | None, nudger_logits: torch.Tensor | None, state: GateState,
-               params: GateParams, base: ModelCursor | None, nudger: ModelCursor | None) -> None:
-    """Triton version of nudge_step_ref: one launch, one program per row, no host syncs."""
+               params: GateParams, base: ModelCursor | None, nudger: ModelCursor | None,
+               chunks: int | None = None) -> None:
+    """Triton version of nudge_step_ref, no host syncs.
+
+    chunks: programs per row for the vocabulary scans (vocab_split.plan_chunks; None = its heuristic
+    from B, V and the SM count). 1: one launch, one program per row. C > 1: split_scan writes chunk
+    records of the base and nudger rows over (B, C, models) programs, then the step kernel (one
+    program per row) combines them and applies the rule: 2 launches, 11 when params.max_sample is
+    SAMPLE_NUCLEUS (the split cut-off search and draw)."""
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed; use nudge_step_ref")
     B, sampler = check_step_inputs(base_logits, nudger_logits, state, params, base, nudger)
     dummy = state.n_out
+    rows_args = [*_rows(base_logits, dummy), *_rows(nudger_logits, dummy)]  # checks the unit strides
+    models = [lg for lg, skip in ((base_logits, MODE_NUDGER_ONLY), (nudger_logits, MODE_BASE_ONLY))
+              if params.mode != skip]  # record rows: the base's, then the nudger's
+    C, lengths = plan_chunks(B, [lg.shape[1] for lg in models], state.seed.device, chunks)
+    floats = ints = dummy  # never read on the single-program path
+    if C > 1:
+        floats, ints = split_scan([(lg, lg.stride(0), 0, lg.shape[1]) for lg in models], B, 1, C, lengths,
+                                  state.seed, state.n_out, state.finished, state.inv_temp, state.top_p,
+                                  state.sample_mode, 1 if params.mode == MODE_NUDGER_ONLY else 0,
+                                  params.mode == MODE_NUDGING, sampler)
     _nudge_step_kernel[(B,)](
-        *_rows(base_logits, dummy), *_rows(nudger_logits, dummy), *state_args(state),
-        *cursor_args(base, dummy), *cursor_args(nudger, dummy),
+        *rows_args, *state_args(state),
+        *cursor_args(base, dummy), *cursor_args(nudger, dummy), floats, ints, B, C,
         MODE=params.mode, MAX_SAMPLE=sampler,
         HAS_BASE_CURSOR=base is not None, HAS_NUDGER_CURSOR=nudger is not None, BLOCK=SCAN_BLOCK,
-        S_BLOCK=triton.next_power_of_2(state.stop_ids.shape[1]), num_warps=NUM_WARPS,
+        S_BLOCK=triton.next_power_of_2(state.stop_ids.shape[1]), SPLIT=C > 1, C_BLOCK=SPLIT_MAX_CHUNKS,
+        num_warps=NUM_WARPS,
     )

@@ -28,6 +28,13 @@ The nudger's holds KV only for [last, d_0..d_{K-2}], so when c == K + 1 (d_{K-1}
 bonus) the position just before the new one has no nudger KV: SpecStats.prev_kv_missing says so and
 SpecStats.prev_token gives the token there, for the engine to run the nudger's next step on
 [prev_token, input_ids] at [positions - 1, positions].
+
+Programs: the single-program kernel (one program per row, one launch) scans each position it
+reaches in turn. When the B x (K+1) verify positions do not fill the SMs, the launcher instead splits
+every position's row into C chunks (vocab_split.py): records for all positions of all running rows
+at once (position i drawn with step n_out + i, the step it has whenever the round reaches it), the
+split nucleus search where needed, then the per-row replay combines: 2 launches (11 nucleus-capable)
+instead of 1, positions after a rejection scanned too (in parallel, at no latency cost).
 """
 from dataclasses import dataclass
 
@@ -39,6 +46,7 @@ from nudgefast.kernels.nudge_gate import (FINISH_NONE, MODE_BASE_ONLY, MODE_NUDG
                                           check_cursor, check_params, check_state, check_tensor, confident_ref,
                                           emit_ref, in_set_ref, rule_ref)
 from nudgefast.kernels.sample import NUM_WARPS, SCAN_BLOCK
+from nudgefast.kernels.vocab_split import SPLIT_MAX_CHUNKS, plan_chunks
 
 
 @dataclass
@@ -159,15 +167,16 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from nudgefast.kernels.nudge_gate import (advance_cursor, base_candidate, cursor_args, emit, gate_rule,
-                                              in_set, state_args)
+    from nudgefast.kernels.nudge_gate import (advance_cursor, base_candidate, base_candidate_split, cursor_args, emit,
+                                              gate_rule, in_set, state_args)
+    from nudgefast.kernels.sample import split_scan
     from nudgefast.kernels.rng import row_key
 
     _MODE_NUDGING = tl.constexpr(MODE_NUDGING)
     _STATE_BASE = tl.constexpr(STATE_BASE)
     _FINISH_NONE = tl.constexpr(FINISH_NONE)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["C"])
     def _spec_accept_kernel(
         verify_ptr, v_stride_b, v_stride_k, V, draft_ptr, d_stride, K,
         seed_ptr, wstate_ptr, span_ptr, fin_ptr, nout_ptr, nnud_ptr,
@@ -176,8 +185,13 @@ if HAS_TRITON:
         bc_ids, bc_pos, bc_sl, bc_slot, bc_bt, bc_bt_stride, bc_P, bc_page,
         nc_ids, nc_pos, nc_sl, nc_slot, nc_bt, nc_bt_stride, nc_P, nc_page,
         rounds_ptr, drafted_ptr, accepted_ptr, emitted_ptr, round_emitted_ptr, prev_tok_ptr, prev_missing_ptr,
+        fl_ptr, it_ptr, C,
         MODE: tl.constexpr, MAX_SAMPLE: tl.constexpr, BLOCK: tl.constexpr, S_BLOCK: tl.constexpr,
+        SPLIT: tl.constexpr, C_BLOCK: tl.constexpr,
     ):
+        """One program per row. SPLIT: position i's candidate and statistics come from the chunk records
+        of logical row row * (K + 1) + i (split_scan drew them with step n_out + i: the step position i
+        has whenever the round reaches it, since every earlier position then emitted one token)."""
         row = tl.program_id(0)
         if tl.load(fin_ptr + row) == _FINISH_NONE:
             seed = tl.load(seed_ptr + row)
@@ -210,9 +224,13 @@ if HAS_TRITON:
                 else:
                     worth = i <= K
                 if (active != 0) & worth:
-                    b, confident = base_candidate(row_base + i * v_stride_k, V, row_key(seed, n_out, 0), inv_temp,
-                                                  top_p, sample, gate, threshold, MODE == _MODE_NUDGING, MAX_SAMPLE,
-                                                  BLOCK)
+                    if SPLIT:
+                        b, confident = base_candidate_split(fl_ptr, it_ptr, row * (K + 1) + i, C, sample, gate,
+                                                            threshold, MODE == _MODE_NUDGING, C_BLOCK)
+                    else:
+                        b, confident = base_candidate(row_base + i * v_stride_k, V, row_key(seed, n_out, 0),
+                                                      inv_temp, top_p, sample, gate, threshold,
+                                                      MODE == _MODE_NUDGING, MAX_SAMPLE, BLOCK)
                     bonus = b != b
                     if i < K:
                         d = tl.load(draft_ptr + row.to(tl.int64) * d_stride + i)
@@ -260,17 +278,32 @@ if HAS_TRITON:
 
 
 def spec_accept(verify_logits: torch.Tensor, draft: torch.Tensor, state: GateState, params: GateParams,
-                base: ModelCursor, nudger: ModelCursor, stats: SpecStats) -> None:
-    """Triton version of spec_accept_ref: one launch, one program per row, no host syncs."""
+                base: ModelCursor, nudger: ModelCursor, stats: SpecStats, chunks: int | None = None) -> None:
+    """Triton version of spec_accept_ref, no host syncs.
+
+    chunks: programs per verify position for the vocabulary scans (vocab_split.plan_chunks over the
+    B * (K + 1) positions; None = its heuristic). 1: one launch, one program per row, scanning the
+    positions the round reaches. C > 1: split_scan writes chunk records of every position of every
+    running row ((B * (K + 1), C) programs: positions after a rejection are scanned too, in
+    parallel), then one program per row replays the rule on the combined records: 2 launches, 11
+    when params.max_sample is SAMPLE_NUCLEUS."""
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed; use spec_accept_ref")
     B, K, sampler = check_spec_inputs(verify_logits, draft, state, params, base, nudger, stats)
+    V = verify_logits.shape[2]
+    C, (length,) = plan_chunks(B * (K + 1), [V], state.seed.device, chunks)
+    floats = ints = state.n_out  # never read on the single-program path
+    if C > 1:
+        floats, ints = split_scan([(verify_logits, verify_logits.stride(0), verify_logits.stride(1), V)], B * (K + 1),
+                                  K + 1, C, [length], state.seed, state.n_out, state.finished, state.inv_temp,
+                                  state.top_p, state.sample_mode, 0, params.mode == MODE_NUDGING, sampler)
     _spec_accept_kernel[(B,)](
         verify_logits, verify_logits.stride(0), verify_logits.stride(1), verify_logits.shape[2],
         draft, draft.stride(0), K, *state_args(state),
         *cursor_args(base, None), *cursor_args(nudger, None),
         stats.rounds, stats.drafted, stats.accepted, stats.emitted, stats.round_emitted, stats.prev_token,
-        stats.prev_kv_missing,
+        stats.prev_kv_missing, floats, ints, C,
         MODE=params.mode, MAX_SAMPLE=sampler, BLOCK=SCAN_BLOCK,
-        S_BLOCK=triton.next_power_of_2(state.stop_ids.shape[1]), num_warps=NUM_WARPS,
+        S_BLOCK=triton.next_power_of_2(state.stop_ids.shape[1]), SPLIT=C > 1, C_BLOCK=SPLIT_MAX_CHUNKS,
+        num_warps=NUM_WARPS,
     )

@@ -53,7 +53,12 @@ MODULES = (activation, kv_store, norm, decode_mod, prefill_mod, nudge_gate, samp
 # Kernels that must not spill on sm_90 at these head_dims, or at all when they have no head_dim
 # (issue 13, item 2). head_dim 256 is reported, not enforced.
 NO_SPILL = {"_decode_kernel", "_decode_merge_kernel", "_prefill_kernel", "_store_kv_kernel", "_store_kv_rope_kernel",
-            "_add_rms_norm_kernel", "_act_mul_kernel"}
+            "_add_rms_norm_kernel", "_act_mul_kernel",
+            # the sampler and the split scans of the gate / sampler / accept launchers (issue 13, item 3)
+            "_sample_kernel", "_split_scan_kernel", "_split_nucleus_kernel"}
+# Enforced only in their SPLIT=True variants (the combine of the chunk records): the single-program
+# nucleus step kernel already spilled 24 bytes at 128 registers before the split (reported, not enforced).
+NO_SPILL_WHEN_SPLIT = {"_nudge_step_kernel", "_spec_accept_kernel"}
 NO_SPILL_HEAD_DIMS = (64, 128)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -167,21 +172,25 @@ _MODES = {"nudging": nudge_gate.MODE_NUDGING, "base_only": nudge_gate.MODE_BASE_
           "nudger_only": nudge_gate.MODE_NUDGER_ONLY}
 
 
-def call_gate(mode, gate, word, sampler, dtype, vocab=1000, batch=2):
-    logits = torch.zeros(batch, vocab, dtype=DTYPES[dtype])
+# Vocabulary and batch decide how many programs share a row (vocab_split.plan_chunks for 132 SMs:
+# batch 1 splits a 262k row over 64 programs, batch 256 keeps one program per row). Logits are
+# torch.empty: the launchers only read shapes and strides here, and a [256, 262144] float32 row
+# block would be a 268 MB fill.
+def call_gate(mode, gate, word, sampler, dtype, vocab=262_144, batch=1):
+    logits = torch.empty(batch, vocab, dtype=DTYPES[dtype])
     state, params = _gate_setup(mode, gate, word, sampler, batch, vocab)
     nudge_gate.nudge_step(None if mode == "nudger_only" else logits, None if mode == "base_only" else logits,
                           state, params, _cursor(batch), _cursor(batch))
 
 
-def call_sample(sampler, dtype, vocab=1000, batch=2):
+def call_sample(sampler, dtype, vocab=262_144, batch=1):
     temperature, top_p = _SAMPLERS[sampler]
-    sample.sample(torch.zeros(batch, vocab, dtype=DTYPES[dtype]), torch.zeros(batch, dtype=torch.int64),
+    sample.sample(torch.empty(batch, vocab, dtype=DTYPES[dtype]), torch.zeros(batch, dtype=torch.int64),
                   torch.zeros(batch, dtype=torch.int32), 0, temperature, top_p)
 
 
-def call_accept(mode, word, sampler, dtype, k, vocab=1000, batch=2):
-    logits = torch.zeros(batch, k + 1, vocab, dtype=DTYPES[dtype])
+def call_accept(mode, word, sampler, dtype, k, vocab=262_144, batch=1):
+    logits = torch.empty(batch, k + 1, vocab, dtype=DTYPES[dtype])
     draft = torch.zeros(batch, k, dtype=torch.int64)
     state, params = _gate_setup(mode, 0, word, sampler, batch, vocab)
     spec_accept.spec_accept(logits, draft, state, params, _cursor(batch), _cursor(batch),
@@ -226,17 +235,29 @@ FAMILIES = [
            # intermediate sizes: OLMo-2-1B 8192, 7B 11008, Llama-3-8B 14336, Gemma-2-9B 14336
            full=dict(inter=[8192, 11008, 14336], act=["silu", "gelu_tanh"], dtype=list(DTYPES)),
            ci=dict(inter=[11008], act=["silu"], dtype=["bf16"])),
+    # vocabularies: Llama-2 32000, GPT-2/OLMo 50257 (odd: no divisibility of the row stride), Qwen2
+    # 151936, Gemma 262144; batch 1 and 8 split rows over programs, 256 keeps one program per row
     Family("nudge gate", call_gate,
-           full=[dict(mode=list(_MODES), gate=[0], word=[True], sampler=list(_SAMPLERS), dtype=["bf16"]),
-                 dict(mode=["nudging"], gate=[0, 1], word=[False, True], sampler=["greedy"], dtype=list(DTYPES))],
-           ci=dict(mode=["nudging"], gate=[0], word=[True], sampler=["greedy", "nucleus"], dtype=["bf16"])),
+           full=[dict(mode=list(_MODES), gate=[0], word=[True], sampler=list(_SAMPLERS), dtype=["bf16"],
+                      vocab=[262_144], batch=[1, 256]),
+                 dict(mode=["nudging"], gate=[0, 1], word=[False, True], sampler=["greedy"], dtype=list(DTYPES),
+                      vocab=[262_144], batch=[1, 256]),
+                 dict(mode=["nudging"], gate=[0], word=[True], sampler=list(_SAMPLERS), dtype=list(DTYPES),
+                      vocab=[32_000, 50_257, 151_936, 262_144], batch=[1, 8, 64, 256])],
+           ci=dict(mode=["nudging"], gate=[0], word=[True], sampler=["greedy", "nucleus"], dtype=["bf16"],
+                   vocab=[262_144], batch=[1, 256])),
     Family("sampler", call_sample,
-           full=dict(sampler=list(_SAMPLERS), dtype=list(DTYPES)),
-           ci=dict(sampler=["nucleus"], dtype=["bf16"])),
+           full=dict(sampler=list(_SAMPLERS), dtype=list(DTYPES), vocab=[32_000, 50_257, 151_936, 262_144],
+                     batch=[1, 8, 256]),
+           ci=dict(sampler=["nucleus"], dtype=["bf16"], vocab=[262_144], batch=[1, 256])),
     Family("speculative accept", call_accept,
-           full=[dict(mode=["nudging", "base_only"], word=[True], sampler=list(_SAMPLERS), dtype=["bf16"], k=[1, 4, 16]),
-                 dict(mode=["nudging"], word=[False], sampler=["greedy"], dtype=list(DTYPES), k=[4])],
-           ci=dict(mode=["nudging"], word=[True], sampler=["greedy"], dtype=["bf16"], k=[4])),
+           full=[dict(mode=["nudging", "base_only"], word=[True], sampler=list(_SAMPLERS), dtype=["bf16"], k=[1, 4, 16],
+                      vocab=[262_144], batch=[1, 64]),
+                 dict(mode=["nudging"], word=[False], sampler=["greedy"], dtype=list(DTYPES), k=[4],
+                      vocab=[32_000, 262_144], batch=[1, 64])],
+           # CI: greedy only (the split nucleus kernels are compiled by the gate and sampler families)
+           ci=dict(mode=["nudging"], word=[True], sampler=["greedy"], dtype=["bf16"], k=[4],
+                   vocab=[262_144], batch=[1, 64])),
 ]
 
 # ================================================================================================
@@ -392,8 +413,10 @@ def problems(rows) -> list[str]:
     for r in rows:
         if r["error"]:
             out.append(f"compile failure: {r['target']} {r['kernel']} {r['constexprs']}: {r['error']}")
-        elif (r["kernel"] in NO_SPILL and r["target"] == "sm_90" and r["stack"] > 0
-              and any(p.get("head_dim", NO_SPILL_HEAD_DIMS[0]) in NO_SPILL_HEAD_DIMS for p in r["params"])):
+        elif r["target"] == "sm_90" and r["stack"] > 0 and (
+                (r["kernel"] in NO_SPILL
+                 and any(p.get("head_dim", NO_SPILL_HEAD_DIMS[0]) in NO_SPILL_HEAD_DIMS for p in r["params"]))
+                or (r["kernel"] in NO_SPILL_WHEN_SPLIT and r["constexprs"].get("SPLIT"))):
             out.append(f"spills on sm_90: {r['kernel']} {r['constexprs']} w{r['num_warps']}: "
                        f"{r['stack']} stack bytes per thread (shapes: {_summarise_params(r['params'])})")
     return out
@@ -423,11 +446,35 @@ def write_markdown(rows, path: Path, command: str, append: bool = False):
         "",
     ]
     lines += _summary(rows)
+    lines += [""] + _split_plan()
     lines += ["", "## Every compile", "",
               "| target | kernel | constexprs | warps | regs | stack | smem | model shapes |",
               "|---|---|---|---|---|---|---|---|"]
     lines += _table_rows(rows)
     path.write_text("\n".join(lines) + "\n")
+
+
+def _split_plan():
+    """Programs per row and launches per step of the gate / sampler / accept launchers (issue 13, item 3)."""
+    from nudgefast.kernels.vocab_split import plan_chunks
+
+    out = ["## Programs per vocabulary row and launches per step (gate, sampler, accept)", "",
+           f"From `vocab_split.plan_chunks` for {SM_COUNT} SMs. Before the split every launcher ran ONE program per",
+           "row (a batch-1 step of a 262k vocabulary on one SM, the nucleus search as 9 further serial passes",
+           "inside it) in ONE launch. Now, when the rows alone do not fill the SMs, each row is split into C",
+           "chunks: `_split_scan_kernel` (rows x C [x 2 models]) writes chunk records, a nucleus-capable batch",
+           "(max_sample = nucleus) adds 8 search passes and the draw as `_split_nucleus_kernel` launches of the",
+           "same grid, and the step kernel (one program per row, `SPLIT=True`) combines. Launches per step:",
+           "1 with C = 1; 2 (greedy / Gumbel batches) or 11 (nucleus-capable) with C > 1. Speculative accept",
+           "splits its B x (K+1) verify positions the same way (rows = B x (K+1) below).", "",
+           "| rows | V = 32000 | V = 50257 | V = 151936 | V = 262144 |", "|---|---|---|---|---|"]
+    for rows in (1, 2, 4, 8, 16, 32, 64, 128, 132, 256):
+        cells = []
+        for vocab in (32_000, 50_257, 151_936, 262_144):
+            C, (length,) = plan_chunks(rows, [vocab], "cpu")
+            cells.append("1 program, 1 launch" if C == 1 else f"C = {C} x {length}: 2 / 11 launches")
+        out.append(f"| {rows} | " + " | ".join(cells) + " |")
+    return out
 
 
 def _summary(rows):
@@ -445,9 +492,10 @@ def _summary(rows):
             hd = p.get("head_dim")
             regs, stack = cell.get(hd, (0, 0))
             cell[hd] = (max(regs, r["registers"]), max(stack, r["stack"]))
-    for (_, kernel, target), cell in sorted(seen.items()):
+    for (fam, kernel, target), cell in sorted(seen.items()):
         fmt = lambda hd: "-" if hd not in cell else f"{cell[hd][0]} / {cell[hd][1]}"  # noqa: E731
-        out.append(f"| `{kernel}` | {target} | {fmt(64)} | {fmt(128)} | {fmt(256)} | {fmt(None)} |")
+        out.append(f"| `{kernel}` ({FAMILIES[fam].name}) | {target} | {fmt(64)} | {fmt(128)} | {fmt(256)} | "
+                   f"{fmt(None)} |")
     return out
 
 
@@ -467,8 +515,11 @@ def _table_rows(rows):
 
 
 def _summarise_params(params):
-    keys = list(params[0])
-    return "; ".join(f"{k} {'/'.join(str(v) for v in sorted({p[k] for p in params}, key=str))}" for k in keys)
+    # one compile can serve launchers of different families (the sampler's split scan is also the
+    # nudger-only gate's): the union of their parameters
+    keys = list(dict.fromkeys(k for p in params for k in p))
+    return "; ".join(f"{k} {'/'.join(str(v) for v in sorted({p[k] for p in params if k in p}, key=str))}"
+                     for k in keys)
 
 
 def main(argv=None):

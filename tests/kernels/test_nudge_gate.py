@@ -23,6 +23,7 @@ from nudgefast.kernels.nudge_gate import (FINISH_LENGTH, FINISH_NONE, FINISH_STO
                                           new_gate_state, nudge_step, nudge_step_ref, set_row, set_row_params)
 from nudgefast.kernels.rng import SALT_INDEX, SALT_SEED, SALT_STREAM
 from gate_rows import MIXED_ROWS, Cfg, apply, legacy_state, row_of  # noqa: F401  (re-exported to test_spec_accept)
+from gpu_margins import FAST_MATH_TOL, gate_margins, sample_margins
 
 M32 = 0xFFFFFFFF
 
@@ -595,28 +596,52 @@ def test_bad_inputs_are_rejected():
 # ----------------------------------------------------------------------------- GPU
 
 
+def robust_rows(bl, nl, state):
+    """bool [B]: rows whose candidates and gate decision are farther than FAST_MATH_TOL from a rounding
+    boundary (gpu_margins.py): on a GPU only these are expected to equal the reference exactly."""
+    ok = torch.ones(state.seed.shape[0], dtype=torch.bool)
+    rows = (state.seed, state.n_out)
+    params = (state.inv_temp, state.top_p, state.sample_mode)
+    if bl is not None:
+        ok &= sample_margins(bl, *rows, 0, *params) > FAST_MATH_TOL
+        ok &= gate_margins(bl, state.gate, state.threshold) > FAST_MATH_TOL
+    if nl is not None:
+        ok &= sample_margins(nl, *rows, 1, *params) > FAST_MATH_TOL
+    return ok
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("chunks", [None, 1])  # None: rows split over programs (B = 8 < SMs); 1: one program
 @pytest.mark.parametrize("V", [50_000, 151_936])
 @pytest.mark.parametrize("mode,word,temperature,top_p", [
     (MODE_NUDGING, True, 0.0, 1.0), (MODE_NUDGING, True, 0.7, 0.9), (MODE_NUDGING, False, 0.8, 1.0),
     (MODE_BASE_ONLY, False, 0.7, 1.0)])
-def test_gpu_real_vocab_bf16(V, mode, word, temperature, top_p):
+def test_gpu_real_vocab_bf16(V, mode, word, temperature, top_p, chunks):
     bl, nl, state, cursors = random_case(V, torch.bfloat16, mode, B=8, seed=1)
     to = lambda t: None if t is None else t.cuda()  # noqa: E731
+    prm = Cfg(mode, GATE_TOP_PROB, 0.4, word, temperature, top_p, 6)
+    apply(state, prm)
+    # The kernel's gate statistics and draws use fast-math exp/log and FMA contraction on the GPU, the
+    # reference rounds every op: rows within FAST_MATH_TOL of a decision boundary are left out
+    # (gpu_margins.py), the others must be exactly equal.
+    ok = robust_rows(bl, nl, state)
+    assert int((~ok).sum()) <= 1, "too many rows at a rounding boundary: pick other test data"
     state = GateState(**{k: to(v) for k, v in vars(state).items()})
     cursors = [ModelCursor(**{k: to(v) if isinstance(v, torch.Tensor) else v for k, v in vars(c).items()})
                for c in cursors]
-    prm = Cfg(mode, GATE_TOP_PROB, 0.4, word, temperature, top_p, 6)
     ref_state, ref_cursors = clone(state), [clone(c) for c in cursors]
     nudge_step_ref(to(bl), to(nl), ref_state, apply(ref_state, prm), *ref_cursors)
-    nudge_step(to(bl), to(nl), state, apply(state, prm), *cursors)
-    assert_same(state, ref_state, "state.")
-    for c, rc in zip(cursors, ref_cursors):
-        assert_same(c, rc, "cursor.")
+    nudge_step(to(bl), to(nl), state, apply(state, prm), *cursors, chunks=chunks)
+    for i in ok.nonzero().flatten().tolist():
+        assert_same(row_of(state, i), row_of(ref_state, i), f"row {i} state.")
+        for c, rc in zip(cursors, ref_cursors):
+            assert_same(row_of(c, i), row_of(rc, i), f"row {i} cursor.")
 
 
 @pytest.mark.gpu
 def test_gpu_step_replays_in_a_cuda_graph():
+    # Graph against eager on the same device: the same kernels, so exact (no fast-math caveat). At
+    # B = 8 the launcher splits rows: the graph also captures the chunk workspace from its pool.
     bl, nl, state, cursors = random_case(50_000, torch.bfloat16, MODE_NUDGING, B=8, seed=2, max_new=12)
     state = GateState(**{k: v.cuda() for k, v in vars(state).items()})
     cursors = [ModelCursor(**{k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in vars(c).items()})
