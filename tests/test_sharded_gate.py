@@ -19,8 +19,8 @@ def split_points(V, ranks):
     return [0] + cuts + [V]
 
 
-def sharded(x, points, seed, step, stream, inv_temp, mode):
-    stats = torch.stack([shard_stats(x[:, a:b], a, seed, step, stream, inv_temp, mode)
+def sharded(x, points, seed, step, stream, inv_temp, mode, with_stats=True):
+    stats = torch.stack([shard_stats(x[:, a:b], a, seed, step, stream, inv_temp, mode, with_stats=with_stats)
                          for a, b in zip(points[:-1], points[1:])])
     return combine_stats(stats)
 
@@ -49,6 +49,9 @@ def test_sharded_equals_unsharded(ranks, V, dtype):
     assert torch.equal(torch.where(mode == SAMPLE_GREEDY, greedy, gumbel), ref)
     # the Gumbel rows really sampled (else the comparison above says nothing about the noise)
     assert not torch.equal(gumbel[1:], greedy[1:])
+    # without the gate's statistics (base_only) the candidates are the same
+    _, _, greedy2, gumbel2 = sharded(x, points, seed, step, 1, inv_temp, mode, with_stats=False)
+    assert torch.equal(greedy2, greedy) and torch.equal(gumbel2, gumbel)
 
 
 def points_first(V, ranks):

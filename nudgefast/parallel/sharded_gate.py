@@ -52,9 +52,37 @@ from nudgefast.kernels.sample import CONTENDER_SPAN, NEG_BIG, SAMPLE_GREEDY
 NUM_STATS = 6  # m, z, sx, arg, bv, bi
 
 
+class Scratch:
+    """[B, V_r] float32 buffers kept from one decode step to the next: on the CPU a fresh temporary of
+    that size costs its page faults every step (milliseconds per few MB on a loaded machine)."""
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        b = self.buffers.get(name)
+        if b is None or b.shape != like.shape or b.device != like.device:
+            b = self.buffers[name] = torch.empty(like.shape, dtype=torch.float32, device=like.device)
+        return b
+
+
+def _mass(x: torch.Tensor, m: torch.Tensor, scratch: Scratch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, sx) [B]: sum exp(x - m) and sum exp(x - m) * (x - m) over the row, in two kept buffers."""
+    # a shard of only -inf logits: z = sx = 0 (not -inf - -inf = nan); combine_stats skips it
+    xm = torch.sub(x, torch.where(m == float("-inf"), 0.0, m).unsqueeze(1), out=scratch.get("xm", x))
+    e = torch.exp(xm, out=scratch.get("e", x))
+    z = e.sum(dim=-1)
+    # the sum of e * (x - m) where e > 0: a -inf entry (e = 0, xm = -inf) must add 0, not nan; clamping
+    # xm to the finite range changes only those. In place, like the two buffers above
+    sx = e.mul_(xm.clamp_(min=NEG_BIG)).sum(dim=-1)
+    return z, sx
+
+
 def shard_stats(logits: torch.Tensor, offset: int, seed: torch.Tensor, step: torch.Tensor, stream: int,
-                inv_temp: torch.Tensor, mode: torch.Tensor) -> torch.Tensor:
-    """float64 [B, NUM_STATS]: this shard's numbers (see the module docstring).
+                inv_temp: torch.Tensor, mode: torch.Tensor, scratch: Scratch | None = None,
+                with_stats: bool = True) -> torch.Tensor:
+    """float64 [B, NUM_STATS]: this shard's numbers (see the module docstring). with_stats=False
+    (base_only: no gate) skips z and sx (reported as 1 and 0: p_top and entropy are then meaningless).
 
     logits [B, V_r] are the global columns offset .. offset + V_r - 1; seed int64 [B], step int [B],
     inv_temp float32 [B] (float32(1 / temperature)), mode int [B] (SAMPLE_*; greedy rows report
@@ -66,19 +94,17 @@ def shard_stats(logits: torch.Tensor, offset: int, seed: torch.Tensor, step: tor
         raise ValueError(f"offset must be >= 0, got {offset}")
     x = logits.float()
     m, arg = x.max(dim=-1)  # torch.max returns the first index of the maximum
-    # a shard of only -inf logits: z = sx = 0 (not -inf - -inf = nan); combine_stats skips it
-    xm = x - torch.where(m == float("-inf"), 0.0, m).unsqueeze(1)
-    e = torch.exp(xm)
-    z = e.sum(dim=-1)
-    # the sum of e * (x - m) where e > 0: a -inf entry (e = 0, xm = -inf) must add 0, not nan; clamping
-    # xm to the finite range changes only those. In place: each [B, V_r] temporary costs page faults
-    sx = e.mul_(xm.clamp_(min=NEG_BIG)).sum(dim=-1)
+    scratch = scratch or Scratch()
+    if with_stats:
+        z, sx = _mass(x, m, scratch)
+    else:
+        z, sx = torch.ones_like(m), torch.zeros_like(m)
     sampled = mode != SAMPLE_GREEDY
     if not bool(sampled.any()):  # a host read, as sample_rows_ref's: this is the CPU path
         bv, bi = torch.full_like(m, float("-inf")), torch.zeros_like(arg)  # greedy rows: no draw
     else:
-        v = torch.full_like(x, float("-inf"))
-        s = x * inv_temp.reshape(-1, 1)
+        v = scratch.get("v", x).fill_(float("-inf"))
+        s = torch.mul(x, inv_temp.reshape(-1, 1), out=scratch.get("s", x))
         # noise only where it can win: g lies in (GUMBEL_MIN, GUMBEL_MAX), so a token more than
         # CONTENDER_SPAN below this shard's best scaled logit cannot hold the shard's best draw (and
         # the row's best draw is the best shard's): exactly the dense draw, for a few tokens
@@ -118,12 +144,13 @@ def shard_bounds(vocab: int, ranks: int) -> list[tuple[int, int]]:
     return [(min(r * per, vocab), min((r + 1) * per, vocab)) for r in range(ranks)]
 
 
-def sharded_candidates(local_logits: torch.Tensor, offset: int, seed, step, stream: int, inv_temp, mode, pg):
+def sharded_candidates(local_logits: torch.Tensor, offset: int, seed, step, stream: int, inv_temp, mode, pg,
+                       scratch: Scratch | None = None, with_stats: bool = True):
     """On every rank of the process group object `pg` (as parallel/tensor.py builds): (p_top, entropy,
     greedy, gumbel) of the whole vocabulary, from one all-gather of [B, NUM_STATS] numbers.
     local_logits holds this rank's real columns only (no padding columns)."""
     if local_logits.shape[1]:
-        mine = shard_stats(local_logits, offset, seed, step, stream, inv_temp, mode)
+        mine = shard_stats(local_logits, offset, seed, step, stream, inv_temp, mode, scratch, with_stats)
     else:  # an empty shard (V < N * ceil(V / N)): a row that adds nothing and wins no argmax
         mine = empty_stats(local_logits.shape[0], local_logits.device)
     parts = [torch.empty_like(mine) for _ in range(pg.size())]

@@ -41,10 +41,10 @@ import torch.nn.functional as F
 
 from ..config import ConfigError, ModelSpec, load_spec
 from ..kv_cache import AttentionMetadata, KVPool
-from ..kernels.nudge_gate import GateParams, GateState, ModelCursor
+from ..kernels.nudge_gate import MODE_BASE_ONLY, GateParams, GateState, ModelCursor
 from ..kernels.rng import STREAM_BASE
 from ..kernels.sample import SAMPLE_NUCLEUS
-from .sharded_gate import effective_mode, nudge_step_from_candidates, shard_bounds, sharded_candidates
+from .sharded_gate import Scratch, effective_mode, nudge_step_from_candidates, shard_bounds, sharded_candidates
 
 DEFAULT_TIMEOUT = 60.0  # seconds a collective may wait for a peer before the forward fails
 
@@ -141,9 +141,10 @@ class Collectives:
         # whether this rank's k columns count (a KV head replicated on N / Hkv ranks counts once)
         self.q_width, self.k_width = spec.q_size, spec.kv_size
         self.k_counts = spec.num_kv_heads >= world or rank % (world // spec.num_kv_heads) == 0
-        # (seed, step, inv_temp, mode) of the rows of the next output head: set for a decode step whose
-        # gate reduces the vocabulary shards instead of gathering them (see `output`)
+        # (seed, step, inv_temp, mode, with_stats) of the rows of the next output head: set for a decode
+        # step whose gate reduces the vocabulary shards instead of gathering them (see `output`)
         self.gate_rows: tuple | None = None
+        self.scratch = Scratch()  # the reduction's [rows, V / N] buffers, kept across decode steps
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
@@ -173,10 +174,10 @@ class Collectives:
         every rank, (p_top, entropy, greedy, gumbel) [rows] each, from one all-gather of [rows, 6]."""
         if self.gate_rows is None:
             return self.gather_logits(x)
-        (seed, step, inv_temp, mode), self.gate_rows = self.gate_rows, None
+        (seed, step, inv_temp, mode, with_stats), self.gate_rows = self.gate_rows, None
         # the last shard's padding columns (zero rows of the head) are no tokens
         return sharded_candidates(x[:, : self.hi - self.lo], self.lo, seed, step, STREAM_BASE, inv_temp, mode,
-                                  self.pg)
+                                  self.pg, self.scratch, with_stats)
 
     def gather_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Rank 0 gets the whole [rows, V] logits (the gate runs there); a worker only sends its
@@ -275,8 +276,8 @@ def _pack(input_ids, positions, meta: AttentionMetadata, logits_indices, gate_ro
         parts.append(meta.cu_q_lens)
     if logits_indices is not None:
         parts.append(logits_indices)
-    if gate_rows is not None:  # seed, step, inv_temp (its float32 bits, exact), mode
-        seed, step, inv_temp, mode = gate_rows
+    if gate_rows is not None:  # seed, step, inv_temp (its float32 bits, exact), mode; with_stats is the header's
+        seed, step, inv_temp, mode, _ = gate_rows
         parts += [seed, step, inv_temp.float().contiguous().view(torch.int32), mode]
     return torch.cat([p.reshape(-1).to(torch.int64) for p in parts])
 
@@ -301,7 +302,7 @@ def _unpack(buf: torch.Tensor, h: dict):
     gate_rows = None
     if R:
         seed, step, bits, mode = rest
-        gate_rows = (seed, step, bits.to(torch.int32).view(torch.float32), mode.to(torch.int32))
+        gate_rows = (seed, step, bits.to(torch.int32).view(torch.float32), mode.to(torch.int32), h["gate"] == 2)
     meta = AttentionMetadata(slot_mapping=slot, block_tables=bt.reshape(B, P).to(torch.int32),
                              seq_lens=sl.to(torch.int32), cu_q_lens=cu, max_q_len=h["max_q_len"])
     return ids, pos, meta, li, gate_rows
@@ -537,8 +538,9 @@ class ShardedModel:
     def forward(self, input_ids, positions, meta: AttentionMetadata, kv: KVPool,
                 logits_indices: torch.Tensor | None = None, gate_rows: tuple | None = None):
         """A Transformer's forward, mirrored on every rank: the whole logits on rank 0; or, with
-        gate_rows = (seed int64, step, inv_temp float32, mode) of each logits row, the base's
-        (p_top, entropy, greedy, gumbel) of each row, reduced shard by shard (sharded_gate.py)."""
+        gate_rows = (seed int64, step, inv_temp float32, mode) of each logits row and with_stats, the
+        base's (p_top, entropy, greedy, gumbel) of each row, reduced shard by shard (sharded_gate.py;
+        without stats p_top and entropy are not computed)."""
         if self.broken:
             raise TensorParallelError(self.broken + "; the sharded base model is closed (make a new engine)")
         dead = self._dead()
@@ -547,7 +549,7 @@ class ShardedModel:
         T, B = input_ids.shape[0], meta.block_tables.shape[0]
         header = (T, B, meta.block_tables.shape[1], int(meta.cu_q_lens is not None), int(meta.max_q_len),
                   -1 if logits_indices is None else int(logits_indices.shape[0]), kv.num_pages, kv.page_size,
-                  int(gate_rows is not None))
+                  0 if gate_rows is None else 1 + bool(gate_rows[4]))  # 0: gather; 1: candidates; 2: + stats
         try:
             for c in self.conns:
                 c.send(header)
@@ -596,7 +598,8 @@ class ShardedModel:
         candidates (nudge_step_from_candidates; same tokens as the gate on the whole logits)."""
         meta = AttentionMetadata(slot_mapping=cursor.slot_mapping, block_tables=cursor.block_tables,
                                  seq_lens=cursor.seq_lens, cu_q_lens=None)
-        gate_rows = (state.seed, state.n_out, state.inv_temp, effective_mode(state, params))
+        # base_only rows read no gate statistics: the shards skip them, as the fused gate kernels do
+        gate_rows = (state.seed, state.n_out, state.inv_temp, effective_mode(state, params), params.mode != MODE_BASE_ONLY)
         candidates = self.forward(cursor.input_ids, cursor.positions, meta, kv, gate_rows=gate_rows)
         nudge_step_from_candidates(candidates, nudger_logits, state, params, cursor, nudger, sample)
 
