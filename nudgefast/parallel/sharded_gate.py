@@ -110,7 +110,8 @@ def shard_stats(logits: torch.Tensor, offset: int, seed: torch.Tensor, step: tor
         # the row's best draw is the best shard's): exactly the dense draw, for a few tokens
         contender = (s >= s.max(dim=-1, keepdim=True).values - CONTENDER_SPAN) & sampled.reshape(-1, 1)
         rows, cols = contender.nonzero(as_tuple=True)
-        v[rows, cols] = s[rows, cols] + gumbel_ref(seed.reshape(-1)[rows], step.reshape(-1)[rows], stream, cols + offset)
+        noise = gumbel_ref(seed.reshape(-1)[rows], step.reshape(-1)[rows], stream, cols + offset)  # GLOBAL index
+        v[rows, cols] = s[rows, cols] + noise
         bv, bi = v.max(dim=-1)  # greedy rows: all -inf
     return torch.stack([m.double(), z.double(), sx.double(), (arg + offset).double(), bv.double(),
                         (bi + offset).double()], dim=1)

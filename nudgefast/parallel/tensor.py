@@ -599,7 +599,8 @@ class ShardedModel:
         meta = AttentionMetadata(slot_mapping=cursor.slot_mapping, block_tables=cursor.block_tables,
                                  seq_lens=cursor.seq_lens, cu_q_lens=None)
         # base_only rows read no gate statistics: the shards skip them, as the fused gate kernels do
-        gate_rows = (state.seed, state.n_out, state.inv_temp, effective_mode(state, params), params.mode != MODE_BASE_ONLY)
+        gate_rows = (state.seed, state.n_out, state.inv_temp, effective_mode(state, params),
+                     params.mode != MODE_BASE_ONLY)
         candidates = self.forward(cursor.input_ids, cursor.positions, meta, kv, gate_rows=gate_rows)
         nudge_step_from_candidates(candidates, nudger_logits, state, params, cursor, nudger, sample)
 
