@@ -128,6 +128,7 @@ def check_generate(args, prompts, configs) -> None:
         for d in (args.base, args.nudger):
             if d:
                 load_spec(d)  # config.json only: a missing or unreadable directory is named here
+        check_tensor_parallel(args.base, tp)
         for mode in configs:
             need = {"base_only": ["base"], "nudger_only": ["nudger"], "nudging": ["base", "nudger"]}[mode]
             missing = [f"--{n}" for n in need if not getattr(args, n)]
@@ -141,6 +142,15 @@ def check_generate(args, prompts, configs) -> None:
             check_crossvocab_config(nudging)
         except ValueError as e:
             raise BadValue(f"generate: {e}" + (" (the demo pair has two tokenizers)" if demo else "")) from e
+
+
+def check_tensor_parallel(base_dir, size: int) -> None:
+    """--tensor-parallel-size against the base's shapes (config.json only), before anything loads."""
+    if size > 1 and base_dir:
+        from .config import load_spec
+        from .parallel.tensor import check_shardable
+
+        check_shardable(load_spec(base_dir), size)
 
 
 def _cross_vocabulary(args, demo: bool) -> bool:
@@ -270,8 +280,12 @@ def cmd_serve(args) -> int:
     for d in (args.base, args.nudger):
         if d:
             load_spec(d)  # config.json only: a missing or unreadable directory is named here
+    check_tensor_parallel(args.base, args.tensor_parallel_size)
     engine = _make_engine(args, *_resolve_models(args), **engine_kwargs(args))
-    return run_server(args, engine)
+    try:
+        return run_server(args, engine)
+    finally:
+        engine.close()  # tensor-parallel workers stop with the server, not at interpreter exit
 
 
 def main(argv=None) -> int:

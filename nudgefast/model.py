@@ -182,7 +182,9 @@ class Transformer:
             if spec.clip_qkv is not None:
                 qkv = qkv.clamp(-spec.clip_qkv, spec.clip_qkv)
             q, k, v = qkv.split([spec.q_size, spec.kv_size, spec.kv_size], dim=-1)
-            if spec.qk_norm == "full":
+            if spec.qk_norm == "full" and self.tp is not None:  # the norm's mean spans every rank's columns
+                q, k = self.tp.full_qk_norm(q, k, L["q_norm"], L["k_norm"], spec.norm_eps)
+            elif spec.qk_norm == "full":
                 q, k = self._norm(q, L["q_norm"]), self._norm(k, L["k_norm"])
             q, k, v = q.reshape(T, H, D), k.reshape(T, Hkv, D), v.reshape(T, Hkv, D)
             if spec.qk_norm == "head":
@@ -217,8 +219,8 @@ class Transformer:
             h = h[logits_indices]
         h = self._norm(h, self.final_norm)
         logits = self._linear(h, self.lm_head, None)
-        if self.tp is not None:
-            logits = self.tp.gather_logits(logits)
         if spec.final_softcap:
             logits = torch.tanh(logits / spec.final_softcap) * spec.final_softcap
+        if self.tp is not None:  # the gathered logits, or the gate's numbers of the shards (parallel/tensor.py)
+            logits = self.tp.output(logits)
         return logits

@@ -432,3 +432,23 @@ def test_native_kernel_isa_says_what_runs():
         avx512 = all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma"))
         expected = "avx512" if avx512 else "avx2+fma" if "avx2" in flags and "fma" in flags else "portable"
         assert here["block_linear"] == expected
+
+
+def test_bench_with_tensor_parallelism(tiny_pair, tmp_path):
+    # `nudgefast bench --tensor-parallel-size 2`: the base split across 2 processes, its decode steps
+    # timed on the sharded gate (the step clock sees them), the size recorded, and no worker left after
+    import multiprocessing
+
+    base, nudger = tiny_pair
+    out = tmp_path / "tp.json"
+    argv = ["--base", str(base), "--nudger", str(nudger), "--mode", "base_only,nudging", "--granularity", "word",
+            "--batch", "2", "--prompt-len", str(PROMPT_LEN), "--new-tokens", "6", "--threshold", "0.5",
+            "--warmup", "0", "--repeats", "1", "--no-bandwidth", "--tensor-parallel-size", "2", "--out", str(out),
+            "--quiet"]
+    assert bench.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["tensor_parallel_size"] == 2
+    for s in result["scenarios"]:
+        assert s["same_tokens"], s["name"]
+        assert s["latency_source"].startswith("decode step period"), s["latency_source"]
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("nudgefast-tp")]

@@ -68,6 +68,12 @@ ROWS = [
     Row("serve", ["serve", "--max-running", "0"], "--max-running 0 must be >= 1"),
     Row("serve", ["serve", "--device", "tpu"], "cpu or cuda"),
     Row("serve", ["serve", "--base", "{missing}", "--nudger", "{tiny}"], "does not exist"),
+    Row("serve", ["serve", "--tensor-parallel-size", "0"], "--tensor-parallel-size 0 must be >= 1"),
+    Row("serve", ["serve", "--base", "{trap}", "--nudger", "{trap}", "--tensor-parallel-size", "3"],
+        "num_heads=4 is not divisible by tensor_parallel_size=3"),
+    Row("bench", ["bench", "--base", "{trap}", "--nudger", "{trap}", "--tensor-parallel-size", "0"],
+        "--tensor-parallel-size must be >= 1"),
+    Row("bench", ["bench", "--preset", "olmo2-tiny+tiny", "--tensor-parallel-size", "2"], "not a random-weight preset"),
     Row("(none)", [], "the following arguments are required"),
     Row("(none)", ["frobnicate"], "invalid choice: 'frobnicate'"),
 ]

@@ -499,3 +499,85 @@ def test_one_log_line_per_request(served, caplog):
     assert [ln for ln in lines if f"rid={r.id}-0 " in ln and " 200 " in ln and "finish=length" in ln]
     assert [ln for ln in lines if f"rid={chunks[0].id}-0 " in ln and " 200 " in ln]
     assert [ln for ln in lines if "POST /v1/chat/completions 400" in ln and "finish=refused" not in ln]
+
+
+# ---- `nudgefast serve --tensor-parallel-size 2`: the real command in a process of its own ----------
+def _children(pid: int) -> set[int]:
+    """Every live descendant of `pid` (from /proc)."""
+    import os
+
+    parent_of = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                parent_of[int(entry)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {c for c, p in parent_of.items() if p in frontier} - found
+        found |= frontier
+    return found
+
+
+def test_serve_command_with_tensor_parallelism(pair):
+    # the base split across 2 processes behind the real `nudgefast serve`: the answers equal the one-device
+    # engine's, and stopping the server (SIGINT, as Ctrl-C) ends its workers too
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    base, nudger, ref = pair
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-c", "import sys; from nudgefast.cli import main; sys.exit(main())", "serve", "--base",
+           str(base), "--nudger", str(nudger), "--host", "127.0.0.1", "--port", str(port), "--api-key", KEY,
+           "--served-model-name", MODEL, "--tensor-parallel-size", "2", "--kv-cache-tokens", "1024"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:  # bounded: the server answers /health once the model (and its worker) is loaded
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "the server did not start"
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        workers = _children(proc.pid)
+        assert workers  # the tensor-parallel worker (and the spawn machinery)
+        cl = client(url)
+        for q, cfg in ((QUESTIONS[0], {}), (QUESTIONS[1], {"temperature": 0.8, "seed": 3})):
+            r = cl.chat.completions.create(model=MODEL, max_tokens=16, extra_body=nudging(), **cfg,
+                                           messages=[{"role": "system", "content": SYSTEM},
+                                                     {"role": "user", "content": q}])
+            want = ref_chat(ref, q, 16, **cfg)
+            assert r.choices[0].message.content == want.text
+            assert r.usage.completion_tokens == len(want.token_ids)
+            assert r.usage.model_extra["nudged_tokens"] == sum(want.from_nudger)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, proc.stdout.read()[-3000:]
+    deadline = time.monotonic() + 20  # bounded: orphaned workers would be reparented, so look them up by pid
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [w for w in workers if _alive(w)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

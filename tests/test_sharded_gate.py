@@ -4,9 +4,12 @@ candidates (sample_rows_ref) exactly, ties across shards included."""
 import pytest
 import torch
 
-from nudgefast.kernels.nudge_gate import base_stats_ref
+from gate_rows import MIXED_ROWS, Cfg, apply, legacy_state
+from nudgefast.kernels.nudge_gate import MODE_BASE_ONLY, MODE_NUDGING, ModelCursor, base_stats_ref, nudge_step_ref
+from nudgefast.kernels.rng import STREAM_BASE
 from nudgefast.kernels.sample import SAMPLE_GREEDY, SAMPLE_GUMBEL, sample_rows_ref
-from nudgefast.parallel.sharded_gate import combine_stats, shard_bounds, shard_stats
+from nudgefast.parallel.sharded_gate import (combine_stats, effective_mode, nudge_step_from_candidates, shard_bounds,
+                                             shard_stats)
 
 SPLITS = {2: [0.3], 3: [0.1, 0.75], 4: [0.05, 0.5, 0.55]}  # unequal shard sizes (fractions of V)
 
@@ -16,8 +19,8 @@ def split_points(V, ranks):
     return [0] + cuts + [V]
 
 
-def sharded(x, points, seed, step, stream, inv_temp, mode):
-    stats = torch.stack([shard_stats(x[:, a:b], a, seed, step, stream, inv_temp, mode)
+def sharded(x, points, seed, step, stream, inv_temp, mode, with_stats=True):
+    stats = torch.stack([shard_stats(x[:, a:b], a, seed, step, stream, inv_temp, mode, with_stats=with_stats)
                          for a, b in zip(points[:-1], points[1:])])
     return combine_stats(stats)
 
@@ -46,6 +49,9 @@ def test_sharded_equals_unsharded(ranks, V, dtype):
     assert torch.equal(torch.where(mode == SAMPLE_GREEDY, greedy, gumbel), ref)
     # the Gumbel rows really sampled (else the comparison above says nothing about the noise)
     assert not torch.equal(gumbel[1:], greedy[1:])
+    # without the gate's statistics (base_only) the candidates are the same
+    _, _, greedy2, gumbel2 = sharded(x, points, seed, step, 1, inv_temp, mode, with_stats=False)
+    assert torch.equal(greedy2, greedy) and torch.equal(gumbel2, gumbel)
 
 
 def points_first(V, ranks):
@@ -135,3 +141,56 @@ def test_sharded_candidates_over_gloo():
         assert torch.equal(torch.where(mode == SAMPLE_GREEDY, greedy, gumbel), ref)
         torch.testing.assert_close(p_top, p_ref, rtol=2e-6, atol=1e-7)
         torch.testing.assert_close(entropy, h_ref, rtol=2e-5, atol=2e-6)
+
+
+def _clone(obj):
+    return type(obj)(**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in vars(obj).items()})
+
+
+def _cursor(B, page_size, gen):
+    pos = torch.randint(1, 3 * page_size, (B,), generator=gen)
+    bt = torch.randperm(8 * B, generator=gen)[: 4 * B].reshape(B, 4).to(torch.int32)
+    slot = bt.gather(1, (pos // page_size).unsqueeze(1)).squeeze(1).long() * page_size + pos % page_size
+    return ModelCursor(input_ids=torch.randint(0, 9, (B,), generator=gen), positions=pos,
+                       seq_lens=(pos + 1).to(torch.int32), slot_mapping=slot, block_tables=bt, page_size=page_size)
+
+
+@pytest.mark.parametrize("mode", [MODE_NUDGING, MODE_BASE_ONLY])
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_step_from_sharded_candidates_equals_the_reference_step(mode, ranks):
+    # the whole decode step from the shards' numbers (what tensor parallelism runs on rank 0) writes
+    # what nudge_step_ref writes from the whole logits: tokens, provenance, rule state, endings, cursors
+    V = 301
+    gen = torch.Generator().manual_seed(100 * ranks + mode)
+    rows = [r for r in MIXED_ROWS if r[4] == 1.0]  # nucleus rows gather the logits instead
+    B = len(rows)
+    state = legacy_state(seed=torch.randint(-2**62, 2**62, (B,), generator=gen),
+                         word_state=torch.zeros(B, dtype=torch.int32), span=torch.zeros(B, dtype=torch.int32),
+                         finished=torch.zeros(B, dtype=torch.int32), n_out=torch.zeros(B, dtype=torch.int32),
+                         n_nudged=torch.zeros(B, dtype=torch.int32), out_tokens=torch.zeros(B, 12, dtype=torch.int32),
+                         out_from_nudger=torch.zeros(B, 12, dtype=torch.int8),
+                         stop_ids=torch.tensor([3, V - 4]), word_start=torch.rand(V, generator=gen) < 0.5)
+    params = apply(state, [Cfg(mode, gate, thr, word, temp, 1.0, max_new)
+                           for gate, thr, word, temp, _, max_new in rows])
+    bc, nc = _cursor(B, 4, gen), (_cursor(B, 3, gen) if mode == MODE_NUDGING else None)
+    want = (_clone(state), _clone(bc), nc and _clone(nc))
+    points = split_points(V, ranks)
+    for _ in range(8):
+        scale = torch.tensor([0.5, 1, 2, 4, 8, 1, 3][:B]).reshape(-1, 1)
+        base = torch.randn(B, V, generator=gen) * scale
+        nudger = torch.randn(B, V, generator=gen) * 3 if mode == MODE_NUDGING else None
+        if nudger is not None:
+            nudger[::3] = base[::3]  # rows where the models agree
+        nudge_step_ref(base, nudger, want[0], params, want[1], want[2])
+        m = effective_mode(state, params)
+        stats = torch.stack([shard_stats(base[:, a:b], a, state.seed, state.n_out, STREAM_BASE, state.inv_temp, m)
+                             for a, b in zip(points[:-1], points[1:])])
+        nudge_step_from_candidates(combine_stats(stats), nudger, state, params, bc, nc, sample_rows_ref)
+        for got, ref in zip((state, bc, nc), want):
+            for k, v in (vars(ref).items() if ref is not None else ()):
+                if isinstance(v, torch.Tensor):
+                    assert torch.equal(getattr(got, k), v), k
+    assert int(state.n_out.sum()) > B  # rows ran several steps
+    if mode == MODE_NUDGING:  # both writers appear (else the gate was not exercised)
+        src = state.out_from_nudger[state.n_out.unsqueeze(1) > torch.arange(12)]
+        assert 0 < int(src.sum()) < src.numel()

@@ -75,6 +75,9 @@ def parse_args(argv):
                         "files (engine nudgefast-gguf), beside nudgefast on the dense weights; gguf-q8: the same "
                         "blocks with int8 activations (inexact, opt-in); the transformers anchors read the dense "
                         "conversion")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="split the base model across N processes (tensor parallelism; docs/PARALLEL.md); model "
+                        "directories only (--base/--nudger, --packaged, --demo-pair), dense weights")
     p.add_argument("--allow-mismatch", action="store_true",
                    help="exit 0 even when a run's tokens differ from the reference (the speed-ups stay suppressed)")
     p.add_argument("--test-force-mismatch", metavar="ENGINE", help=argparse.SUPPRESS)  # test hook: corrupt a run
@@ -124,6 +127,13 @@ def parse_args(argv):
             p.error(f"{flag} must be >= 1, got {values if len(values) > 1 else values[0]}")
     if args.weights != "dense" and args.preset:
         p.error("--weights gguf needs models converted from GGUF files, not a random-weight preset")
+    if args.tensor_parallel_size < 1:
+        p.error(f"--tensor-parallel-size must be >= 1, got {args.tensor_parallel_size}")
+    if args.tensor_parallel_size > 1 and args.preset:
+        p.error("--tensor-parallel-size > 1 loads each rank's shard from a model directory, not a random-weight "
+                "preset (use --base/--nudger, --packaged or --demo-pair)")
+    if args.tensor_parallel_size > 1 and args.weights != "dense":
+        p.error("--tensor-parallel-size > 1 shards dense weights: drop --weights gguf")
     check_config(args)
     return args
 
@@ -157,6 +167,10 @@ def check_config(args) -> None:
         for d in (args.base, args.nudger):
             if d:
                 load_spec(d)  # config.json only
+        if args.tensor_parallel_size > 1 and args.base:
+            from ..parallel.tensor import check_shardable
+
+            check_shardable(load_spec(args.base), args.tensor_parallel_size)
     if args.demo_pair:
         bad = sorted({c.label for c in args.cases if c.mode == "nudging" and (c.granularity == "token" or c.speculate)})
         if bad:
@@ -182,6 +196,8 @@ def build_models(args) -> Models:
     if args.preset:
         return preset_models(args.preset, args.device, dtype or torch.bfloat16, kv_tokens, args.seed, **kw)
     kw["weights"] = args.weights  # dense always; gguf adds the nudgefast-gguf engine
+    if args.tensor_parallel_size > 1:  # the base split across processes (the nudger stays whole)
+        kw["tensor_parallel_size"] = args.tensor_parallel_size
     if args.packaged:
         from ..packaged import packaged_model_dir
 
@@ -228,6 +244,14 @@ def _run(args, argv, log) -> int:
     t_start = time.perf_counter()
     git_start = git_info()  # the code that runs is the code at the start
     models = build_models(args)
+    try:
+        return _run_on(models, args, argv, log, t_start, git_start)
+    finally:
+        for engine in models.engines.values():
+            engine.close()  # tensor-parallel workers stop with the run
+
+
+def _run_on(models, args, argv, log, t_start, git_start) -> int:
     args.dtype = args.dtype or models.dense_dtype
     bandwidth = None if args.no_bandwidth else measure_read_bandwidth(args.device)
     if bandwidth:
@@ -245,6 +269,8 @@ def _run(args, argv, log) -> int:
         "native_kernels": native_kernel_isa() if torch.device(args.device).type == "cpu" else None,
         "random_weights": models.random_weights, "models": models.description,
         "engines": {name: w for name, w in models.weights.items()},
+        # > 1: the base runs split across this many processes; its weight bytes (and the bound) are rank 0's shard
+        "tensor_parallel_size": args.tensor_parallel_size,
         "read_bandwidth": bandwidth,
         "bound_note": "bound = read bandwidth / bytes the engine reads per emitted token in its decode phase (its own "
                       "weight format, the forwards it runs per token, its KV cache at the mean context); "

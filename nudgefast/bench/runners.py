@@ -104,7 +104,11 @@ class StepClock:
         kernels = self.engine.runner.kernels
         saved_gate = kernels.gate
         kernels.gate = self._wrap(saved_gate, "gate")
-        driver.forward = self._wrap(Transformer.forward.__get__(driver), "forward")
+        # a Transformer, or a tensor-parallel ShardedModel, whose plain decode step runs its own gate
+        driver.forward = self._wrap(type(driver).forward.__get__(driver), "forward")
+        sharded_gate = getattr(type(driver), "decode_and_gate", None)
+        if sharded_gate is not None:
+            driver.decode_and_gate = self._wrap(sharded_gate.__get__(driver), "gate")
         saved_replay = torch.cuda.CUDAGraph.replay if self.cuda else None
         if self.cuda:
             torch.cuda.CUDAGraph.replay = self._wrap(saved_replay, "replay")
@@ -114,6 +118,8 @@ class StepClock:
         finally:
             kernels.gate = saved_gate
             del driver.forward
+            if sharded_gate is not None:
+                del driver.decode_and_gate
             if self.cuda:
                 torch.cuda.CUDAGraph.replay = saved_replay
 

@@ -105,6 +105,7 @@ def parse_args(argv):
     p.add_argument("--new-tokens", type=int, nargs=2, default=(8, 64))
     p.add_argument("--speculate", type=int, default=0)
     p.add_argument("--max-running", type=int, default=32)
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="split the base model across N processes")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out")
@@ -115,11 +116,13 @@ def main(argv) -> int:
     import torch
 
     import nudgefast as nf
-    from .report import device_info, git_info
 
     args = parse_args(argv)
     if args.requests < 1 or args.rate <= 0:
         raise SystemExit("nudgefast bench --serve: --requests must be >= 1 and --rate > 0")
+    if args.tensor_parallel_size < 1 or (args.tensor_parallel_size > 1 and args.weights != "dense"):
+        raise SystemExit(f"nudgefast bench --serve: --tensor-parallel-size {args.tensor_parallel_size} must be >= 1 "
+                         "(and > 1 shards dense weights only)")
     if args.threads:
         torch.set_num_threads(args.threads)
     base, nudger = args.base, args.nudger
@@ -128,7 +131,18 @@ def main(argv) -> int:
 
         base, nudger = demo_pair()
     engine = nf.NudgingEngine(base=base, nudger=nudger, device=args.device, weights=args.weights,
-                              max_running=args.max_running)
+                              max_running=args.max_running, tensor_parallel_size=args.tensor_parallel_size)
+    try:
+        return _serve_both(engine, args, argv, base, nudger)
+    finally:
+        engine.close()  # tensor-parallel workers stop with the run
+
+
+def _serve_both(engine, args, argv, base, nudger) -> int:
+    import torch
+
+    from .report import device_info, git_info
+
     reqs = make_requests(engine, args.requests, args.seed, args.prompt_words, args.new_tokens, args.speculate)
     arrivals = arrival_times(args.requests, args.rate, args.seed)
     engine.generate(reqs[0]["prompt"], reqs[0]["config"])  # warm-up
@@ -154,7 +168,7 @@ def main(argv) -> int:
            "git": git_info(), "device": device_info(engine.device), "threads": torch.get_num_threads(),
            # folder names, not machine paths (a converted model's folder name carries its content hash)
            "models": {"base": Path(str(base)).name, "nudger": Path(str(nudger)).name}, "requests": args.requests, "rate": args.rate,
-           "summary": summary,
+           "tensor_parallel_size": args.tensor_parallel_size, "summary": summary,
            "results": {k: {kk: vv for kk, vv in v.items() if kk != "outputs"} for k, v in results.items()}}
     if args.out:
         with open(args.out, "w") as f:

@@ -33,22 +33,56 @@ mass per candidate on each shard: 8 all-reduces of [B, 16] floats (plus the glob
 exp(s - mt) for mt, zt: one more all-gather), then the Gumbel argmax over the kept set is local and
 combines like the plain draw. So 10 small collectives per step instead of 1; or gather each shard's
 top-k (k = NUCLEUS_TOPK) values, which settles the cutoff whenever the top-k holds top_p of the
-mass (as sample_rows_ref does), at B * k * N floats. Not implemented here: a nucleus row falls back
-to gathering the logits (see parallel/tensor.py).
+mass (as sample_rows_ref does), at B * k * N floats. Not implemented here: a batch with a nucleus
+row falls back to gathering the logits (see parallel/tensor.py).
+
+`nudge_step_from_candidates` is the rest of the decode step on rank 0: the nudger's candidate, the
+rule, the ending and the splice, with the torch references of kernels/nudge_gate.py (rule_ref,
+emit_ref, advance_cursor_ref), exactly as nudge_step_ref runs them after its candidates.
 """
 from __future__ import annotations
 
 import torch
 
-from nudgefast.kernels.rng import gumbel_ref
-from nudgefast.kernels.sample import SAMPLE_GREEDY
+from nudgefast.kernels.nudge_gate import (GATE_TOP_PROB, MODE_BASE_ONLY, MODE_NUDGER_ONLY,
+                                          GateParams, GateState, ModelCursor, advance_cursor_ref, emit_ref, rule_ref)
+from nudgefast.kernels.rng import STREAM_NUDGER, gumbel_ref
+from nudgefast.kernels.sample import CONTENDER_SPAN, NEG_BIG, SAMPLE_GREEDY
 
 NUM_STATS = 6  # m, z, sx, arg, bv, bi
 
 
+class Scratch:
+    """[B, V_r] float32 buffers kept from one decode step to the next: on the CPU a fresh temporary of
+    that size costs its page faults every step (milliseconds per few MB on a loaded machine)."""
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        b = self.buffers.get(name)
+        if b is None or b.shape != like.shape or b.device != like.device:
+            b = self.buffers[name] = torch.empty(like.shape, dtype=torch.float32, device=like.device)
+        return b
+
+
+def _mass(x: torch.Tensor, m: torch.Tensor, scratch: Scratch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, sx) [B]: sum exp(x - m) and sum exp(x - m) * (x - m) over the row, in two kept buffers."""
+    # a shard of only -inf logits: z = sx = 0 (not -inf - -inf = nan); combine_stats skips it
+    xm = torch.sub(x, torch.where(m == float("-inf"), 0.0, m).unsqueeze(1), out=scratch.get("xm", x))
+    e = torch.exp(xm, out=scratch.get("e", x))
+    z = e.sum(dim=-1)
+    # the sum of e * (x - m) where e > 0: a -inf entry (e = 0, xm = -inf) must add 0, not nan; clamping
+    # xm to the finite range changes only those. In place, like the two buffers above
+    sx = e.mul_(xm.clamp_(min=NEG_BIG)).sum(dim=-1)
+    return z, sx
+
+
 def shard_stats(logits: torch.Tensor, offset: int, seed: torch.Tensor, step: torch.Tensor, stream: int,
-                inv_temp: torch.Tensor, mode: torch.Tensor) -> torch.Tensor:
-    """float64 [B, NUM_STATS]: this shard's numbers (see the module docstring).
+                inv_temp: torch.Tensor, mode: torch.Tensor, scratch: Scratch | None = None,
+                with_stats: bool = True) -> torch.Tensor:
+    """float64 [B, NUM_STATS]: this shard's numbers (see the module docstring). with_stats=False
+    (base_only: no gate) skips z and sx (reported as 1 and 0: p_top and entropy are then meaningless).
 
     logits [B, V_r] are the global columns offset .. offset + V_r - 1; seed int64 [B], step int [B],
     inv_temp float32 [B] (float32(1 / temperature)), mode int [B] (SAMPLE_*; greedy rows report
@@ -60,16 +94,25 @@ def shard_stats(logits: torch.Tensor, offset: int, seed: torch.Tensor, step: tor
         raise ValueError(f"offset must be >= 0, got {offset}")
     x = logits.float()
     m, arg = x.max(dim=-1)  # torch.max returns the first index of the maximum
-    # a shard of only -inf logits: z = sx = 0 (not -inf - -inf = nan); combine_stats skips it
-    xm = x - torch.where(m == float("-inf"), 0.0, m).unsqueeze(1)
-    e = torch.exp(xm)
-    z = e.sum(dim=-1)
-    sx = torch.where(e > 0, e * xm, 0.0).sum(dim=-1)
-    s = x * inv_temp.reshape(-1, 1)
-    index = torch.arange(offset, offset + x.shape[1], device=x.device)
-    v = s + gumbel_ref(seed.reshape(-1, 1), step.reshape(-1, 1), stream, index)
-    v = v.masked_fill_((mode == SAMPLE_GREEDY).reshape(-1, 1), float("-inf"))
-    bv, bi = v.max(dim=-1)
+    scratch = scratch or Scratch()
+    if with_stats:
+        z, sx = _mass(x, m, scratch)
+    else:
+        z, sx = torch.ones_like(m), torch.zeros_like(m)
+    sampled = mode != SAMPLE_GREEDY
+    if not bool(sampled.any()):  # a host read, as sample_rows_ref's: this is the CPU path
+        bv, bi = torch.full_like(m, float("-inf")), torch.zeros_like(arg)  # greedy rows: no draw
+    else:
+        v = scratch.get("v", x).fill_(float("-inf"))
+        s = torch.mul(x, inv_temp.reshape(-1, 1), out=scratch.get("s", x))
+        # noise only where it can win: g lies in (GUMBEL_MIN, GUMBEL_MAX), so a token more than
+        # CONTENDER_SPAN below this shard's best scaled logit cannot hold the shard's best draw (and
+        # the row's best draw is the best shard's): exactly the dense draw, for a few tokens
+        contender = (s >= s.max(dim=-1, keepdim=True).values - CONTENDER_SPAN) & sampled.reshape(-1, 1)
+        rows, cols = contender.nonzero(as_tuple=True)
+        noise = gumbel_ref(seed.reshape(-1)[rows], step.reshape(-1)[rows], stream, cols + offset)  # GLOBAL index
+        v[rows, cols] = s[rows, cols] + noise
+        bv, bi = v.max(dim=-1)  # greedy rows: all -inf
     return torch.stack([m.double(), z.double(), sx.double(), (arg + offset).double(), bv.double(),
                         (bi + offset).double()], dim=1)
 
@@ -102,11 +145,56 @@ def shard_bounds(vocab: int, ranks: int) -> list[tuple[int, int]]:
     return [(min(r * per, vocab), min((r + 1) * per, vocab)) for r in range(ranks)]
 
 
-def sharded_candidates(local_logits: torch.Tensor, offset: int, seed, step, stream: int, inv_temp, mode, pg):
+def sharded_candidates(local_logits: torch.Tensor, offset: int, seed, step, stream: int, inv_temp, mode, pg,
+                       scratch: Scratch | None = None, with_stats: bool = True):
     """On every rank of the process group object `pg` (as parallel/tensor.py builds): (p_top, entropy,
     greedy, gumbel) of the whole vocabulary, from one all-gather of [B, NUM_STATS] numbers.
     local_logits holds this rank's real columns only (no padding columns)."""
-    mine = shard_stats(local_logits, offset, seed, step, stream, inv_temp, mode)
+    if local_logits.shape[1]:
+        mine = shard_stats(local_logits, offset, seed, step, stream, inv_temp, mode, scratch, with_stats)
+    else:  # an empty shard (V < N * ceil(V / N)): a row that adds nothing and wins no argmax
+        mine = empty_stats(local_logits.shape[0], local_logits.device)
     parts = [torch.empty_like(mine) for _ in range(pg.size())]
     pg.allgather([parts], [mine]).wait()
     return combine_stats(torch.stack(parts))
+
+
+def empty_stats(B: int, device=None) -> torch.Tensor:
+    """The numbers of a shard without columns: no mass, no maximum, no candidate."""
+    inf, big = float("inf"), torch.finfo(torch.float64).max
+    row = torch.tensor([-inf, 0.0, 0.0, big, -inf, big], dtype=torch.float64, device=device)
+    return row.expand(B, NUM_STATS).clone()
+
+
+def effective_mode(state: GateState, params: GateParams) -> torch.Tensor:
+    """int32 [B]: the sampler each row uses, min(its sample_mode, params.max_sample), as every gate does."""
+    return state.sample_mode.clamp(max=params.max_sample)
+
+
+def nudge_step_from_candidates(candidates, nudger_logits: torch.Tensor | None, state: GateState,
+                               params: GateParams, base: ModelCursor, nudger: ModelCursor | None, sample) -> None:
+    """One decode step, in place, from the sharded base's (p_top, entropy, greedy, gumbel) (what
+    sharded_candidates gives) instead of its logits: nudge_step_ref's semantics. `sample` draws the
+    nudger's candidate (sample_rows_ref or a kernel with its signature). No nucleus rows: their base
+    candidate needs the gathered logits."""
+    if params.mode == MODE_NUDGER_ONLY:
+        raise ValueError("nudge_step_from_candidates needs the base model (mode nudger_only has none)")
+    p_top, entropy, greedy, gumbel = candidates
+    mode = effective_mode(state, params)
+    b = torch.where(mode == SAMPLE_GREEDY, greedy, gumbel)
+    if params.mode == MODE_BASE_ONLY:
+        n, confident = b, torch.zeros_like(state.finished, dtype=torch.bool)
+    else:
+        n = sample(nudger_logits, state.seed, state.n_out, STREAM_NUDGER, state.inv_temp, state.top_p, mode)
+        confident = torch.where(state.gate == GATE_TOP_PROB, p_top >= state.threshold, entropy <= state.threshold)
+    # from here on: nudge_step_ref's own steps (the rule, the ending, the splice)
+    rows = state.finished == 0
+    token, from_nudger, word_state, span = rule_ref(b, n, confident, state.word_state, state.span, state, params)
+    state.word_state.copy_(torch.where(rows, word_state, state.word_state))
+    state.span.copy_(torch.where(rows, span, state.span))
+    emit_ref(state, rows, token, from_nudger)
+    running = rows & (state.finished == 0)
+    one = torch.ones_like(state.n_out)
+    for cur in (base, nudger):
+        if cur is not None:
+            advance_cursor_ref(cur, running, token, one)

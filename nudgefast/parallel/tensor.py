@@ -13,10 +13,11 @@ every rank runs its shard of the same forward, meeting at the collectives inside
                 its own KV heads; a KV head is replicated on N / Hkv ranks when Hkv < N;
                 row-parallel o, one all-reduce
   MLP           column-parallel gate_up, row-parallel down, one all-reduce
-  output head   vocabulary-parallel rows, all-gather of the [rows, V / N] logits onto every rank
-
-Rank 0 then has the whole logits and the gate runs as on one device. (sharded_gate.py reduces the
-logits to 6 numbers per row instead; wiring it into the fused gate kernel is future work.)
+  output head   vocabulary-parallel rows; then either a gather of the [rows, V / N] logits onto
+                rank 0 (prefill, speculative verify, a batch with nucleus rows), or, in a plain
+                decode step, the gate's reduction of each shard (sharded_gate.py): one all-gather
+                of [rows, 6] numbers, from which rank 0 takes each row's base candidate and gate
+                statistics and runs the rule, the ending and the splice (`decode_and_gate`).
 
 The pipe is also the workers' lifeline: when the engine closes (or its process dies) the pipe
 closes and the worker exits. A worker that dies makes rank 0 raise TensorParallelError: before a
@@ -40,7 +41,10 @@ import torch.nn.functional as F
 
 from ..config import ConfigError, ModelSpec, load_spec
 from ..kv_cache import AttentionMetadata, KVPool
-from .sharded_gate import shard_bounds
+from ..kernels.nudge_gate import MODE_BASE_ONLY, GateParams, GateState, ModelCursor
+from ..kernels.rng import STREAM_BASE
+from ..kernels.sample import SAMPLE_NUCLEUS
+from .sharded_gate import Scratch, effective_mode, nudge_step_from_candidates, shard_bounds, sharded_candidates
 
 DEFAULT_TIMEOUT = 60.0  # seconds a collective may wait for a peer before the forward fails
 
@@ -64,9 +68,6 @@ def check_shardable(spec: ModelSpec, world: int) -> None:
         problems.append(f"num_kv_heads={Hkv} neither divides nor is divisible by tensor_parallel_size={world}")
     if spec.intermediate_size % world:
         problems.append(f"intermediate_size={spec.intermediate_size} is not divisible by {world}")
-    if spec.qk_norm == "full":
-        problems.append("q/k norms over the whole projection (OLMo-2) need an all-reduce inside the norm, "
-                        "which is not implemented")
     if problems:
         raise ConfigError(f"{spec.family} model cannot be split {world} ways: " + "; ".join(problems))
 
@@ -120,6 +121,10 @@ def shard_weights(spec: ModelSpec, w: dict[str, torch.Tensor], rank: int, world:
             t = t[:, gate_rows]
         elif name in ("embed", "lm_head"):
             t = vocab_rows(t)
+        elif kind == "q_norm" and spec.qk_norm == "full":  # OLMo-2: one weight per projection column
+            t = t[q_rows]
+        elif kind == "k_norm" and spec.qk_norm == "full":
+            t = t[kv.start * D: kv.stop * D]
         out[name] = t.contiguous()
     return out
 
@@ -127,21 +132,52 @@ def shard_weights(spec: ModelSpec, w: dict[str, torch.Tensor], rank: int, world:
 class Collectives:
     """The hooks Transformer.forward calls when its `tp` is set (model.py)."""
 
-    def __init__(self, pg, rank: int, world: int, vocab: int):
+    def __init__(self, pg, rank: int, world: int, spec: ModelSpec):
+        vocab = spec.vocab_size
         self.pg, self.rank, self.world, self.vocab = pg, rank, world, vocab
         self.lo, self.hi = shard_bounds(vocab, world)[rank]
         self.per = -(-vocab // world)
+        # OLMo-2's q/k norms average over the whole projection: the widths of the whole q and k, and
+        # whether this rank's k columns count (a KV head replicated on N / Hkv ranks counts once)
+        self.q_width, self.k_width = spec.q_size, spec.kv_size
+        self.k_counts = spec.num_kv_heads >= world or rank % (world // spec.num_kv_heads) == 0
+        # (seed, step, inv_temp, mode, with_stats) of the rows of the next output head: set for a decode
+        # step whose gate reduces the vocabulary shards instead of gathering them (see `output`)
+        self.gate_rows: tuple | None = None
+        self.scratch = Scratch()  # the reduction's [rows, V / N] buffers, kept across decode steps
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
         self.pg.allreduce([x]).wait()
         return x
 
+    def full_qk_norm(self, q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """RMS norms of q and k over the whole projection, from this rank's columns: the sums of
+        squares of every rank's columns in one all-reduce of [T, 2], then each rank scales its own."""
+        qf, kf = q.float(), k.float()
+        ss = torch.stack([qf.square().sum(-1), kf.square().sum(-1) * float(self.k_counts)], dim=1)
+        ss = self.all_reduce(ss)
+        q = (qf * torch.rsqrt(ss[:, :1] / self.q_width + eps)).to(q.dtype) * wq
+        k = (kf * torch.rsqrt(ss[:, 1:] / self.k_width + eps)).to(k.dtype) * wk
+        return q, k
+
     def embed(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         mine = (ids >= self.lo) & (ids < self.hi)
         h = F.embedding((ids - self.lo).clamp(0, self.per - 1), table)
         # other ranks' rows are exact zeros here, so the all-reduce gives each row its value exactly
         return self.all_reduce(h * mine.unsqueeze(1).to(h.dtype))
+
+    def output(self, x: torch.Tensor):
+        """The output head's last step on this rank's [rows, V / N] logits: the whole logits on rank 0
+        (`gather_logits`), or, when `gate_rows` is set, the gate's numbers of the whole vocabulary on
+        every rank, (p_top, entropy, greedy, gumbel) [rows] each, from one all-gather of [rows, 6]."""
+        if self.gate_rows is None:
+            return self.gather_logits(x)
+        (seed, step, inv_temp, mode, with_stats), self.gate_rows = self.gate_rows, None
+        # the last shard's padding columns (zero rows of the head) are no tokens
+        return sharded_candidates(x[:, : self.hi - self.lo], self.lo, seed, step, STREAM_BASE, inv_temp, mode,
+                                  self.pg, self.scratch, with_stats)
 
     def gather_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Rank 0 gets the whole [rows, V] logits (the gate runs there); a worker only sends its
@@ -184,6 +220,8 @@ def read_shard(model_dir: str | Path, spec: ModelSpec, rank: int, world: int, dt
             "v_proj": (kv.start * D, kv.stop * D), "gate_proj": (rank * i_per, (rank + 1) * i_per),
             "up_proj": (rank * i_per, (rank + 1) * i_per)}
     cols = {"o_proj": rows["q_proj"], "down_proj": rows["gate_proj"]}
+    if spec.qk_norm == "full":  # OLMo-2's q/k norms weigh each projection column: sliced like q and k
+        rows.update(q_norm=rows["q_proj"], k_norm=rows["k_proj"])
     raw = {}
     for path in checkpoint_files(Path(model_dir)):
         try:
@@ -223,35 +261,51 @@ def _build(model_dir: str, rank: int, world: int, device: torch.device, dtype: t
     # for_device loads the native ops library where rank 0 uses it (a fresh process has not yet)
     backend = Backend("triton") if backend_kind == "triton" else Backend.for_device(device, backend_kind == "native")
     model = Transformer(local_spec(spec, world), w, device, dtype, backend)
-    model.tp = Collectives(pg, rank, world, spec.vocab_size)
+    model.tp = Collectives(pg, rank, world, spec)
     return spec, model
 
 
 # ----------------------------------------------------------------------------- the forward's inputs
 
-HEADER = ("T", "B", "max_pages", "has_cu", "max_q_len", "n_logits", "num_pages", "page_size")
+HEADER = ("T", "B", "max_pages", "has_cu", "max_q_len", "n_logits", "num_pages", "page_size", "gate")
 
 
-def _pack(input_ids, positions, meta: AttentionMetadata, logits_indices):
+def _pack(input_ids, positions, meta: AttentionMetadata, logits_indices, gate_rows=None):
     parts = [input_ids, positions, meta.slot_mapping, meta.block_tables.reshape(-1), meta.seq_lens]
     if meta.cu_q_lens is not None:
         parts.append(meta.cu_q_lens)
     if logits_indices is not None:
         parts.append(logits_indices)
+    if gate_rows is not None:  # seed, step, inv_temp (its float32 bits, exact), mode; with_stats is the header's
+        seed, step, inv_temp, mode, _ = gate_rows
+        parts += [seed, step, inv_temp.float().contiguous().view(torch.int32), mode]
     return torch.cat([p.reshape(-1).to(torch.int64) for p in parts])
+
+
+def _gate_rows_of(h: dict) -> int:
+    """How many rows the header's gate numbers cover (0: the logits are gathered instead)."""
+    if not h["gate"]:
+        return 0
+    return h["n_logits"] if h["n_logits"] >= 0 else h["T"]
 
 
 def _unpack(buf: torch.Tensor, h: dict):
     T, B, P = h["T"], h["B"], h["max_pages"]
-    sizes = [T, T, T, B * P, B] + ([B + 1] if h["has_cu"] else []) + ([h["n_logits"]] if h["n_logits"] >= 0 else [])
+    R = _gate_rows_of(h)
+    sizes = ([T, T, T, B * P, B] + ([B + 1] if h["has_cu"] else []) + ([h["n_logits"]] if h["n_logits"] >= 0 else [])
+             + [R] * (4 if R else 0))
     parts = list(buf.split(sizes))
     ids, pos, slot, bt, sl = parts[:5]
     rest = parts[5:]
     cu = rest.pop(0).to(torch.int32) if h["has_cu"] else None
     li = rest.pop(0) if h["n_logits"] >= 0 else None
+    gate_rows = None
+    if R:
+        seed, step, bits, mode = rest
+        gate_rows = (seed, step, bits.to(torch.int32).view(torch.float32), mode.to(torch.int32), h["gate"] == 2)
     meta = AttentionMetadata(slot_mapping=slot, block_tables=bt.reshape(B, P).to(torch.int32),
                              seq_lens=sl.to(torch.int32), cu_q_lens=cu, max_q_len=h["max_q_len"])
-    return ids, pos, meta, li
+    return ids, pos, meta, li, gate_rows
 
 
 # ----------------------------------------------------------------------------- workers
@@ -296,13 +350,14 @@ def _serve(model, pg, channel, device, dtype) -> None:
         if msg is None:
             return
         h = dict(zip(HEADER, msg))
-        n = 3 * h["T"] + h["B"] * h["max_pages"] + h["B"] + (h["B"] + 1 if h["has_cu"] else 0) + max(h["n_logits"], 0)
+        n = (3 * h["T"] + h["B"] * h["max_pages"] + h["B"] + (h["B"] + 1 if h["has_cu"] else 0) + max(h["n_logits"], 0)
+             + 4 * _gate_rows_of(h))
         buf = torch.empty(n, dtype=torch.int64, device=device)
         try:
             pg.broadcast(buf, 0).wait()
             if kv is None or (kv.num_pages, kv.page_size) != (h["num_pages"], h["page_size"]):
                 kv = KVPool(model.spec, h["num_pages"], h["page_size"], dtype, device)
-            ids, pos, meta, li = _unpack(buf, h)
+            ids, pos, meta, li, model.tp.gate_rows = _unpack(buf, h)
             model.forward(ids, pos, meta, kv, logits_indices=li)
         except Exception:  # a peer died or timed out: rank 0 reports it; this rank just ends
             return
@@ -324,6 +379,9 @@ def _worker(rank, world, port, model_dir, device, dtype, backend_kind, conn, tim
         conn.send(("error", traceback.format_exc()))
         return
     _serve(model, pg, _PipeChannel(conn), device, dtype)
+    # nothing of this process outlives it (no files, no output): skip the interpreter's teardown of
+    # torch and gloo, which takes seconds on a loaded machine while the engine waits in close()
+    os._exit(0)
 
 
 def launched_by_torchrun() -> bool:
@@ -384,6 +442,7 @@ class ShardedModel:
         self.device = torch.device("cuda", 0) if device.type == "cuda" and device.index is None else device
         self.dtype = dtype or default_dtype(self.spec, device)
         self.kv_spec = local_spec(self.spec, world)
+        self.reduce_gate = True  # plain decode steps reduce the vocabulary shards (False: gather the logits)
         self.broken: str | None = None
         self.procs, self.conns = [], []
         self._pg, self._control = [], []  # held in lists so the finalizer can drop them
@@ -477,7 +536,11 @@ class ShardedModel:
         raise TensorParallelError(why + "; the sharded base model is closed (make a new engine)")
 
     def forward(self, input_ids, positions, meta: AttentionMetadata, kv: KVPool,
-                logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+                logits_indices: torch.Tensor | None = None, gate_rows: tuple | None = None):
+        """A Transformer's forward, mirrored on every rank: the whole logits on rank 0; or, with
+        gate_rows = (seed int64, step, inv_temp float32, mode) of each logits row and with_stats, the
+        base's (p_top, entropy, greedy, gumbel) of each row, reduced shard by shard (sharded_gate.py;
+        without stats p_top and entropy are not computed)."""
         if self.broken:
             raise TensorParallelError(self.broken + "; the sharded base model is closed (make a new engine)")
         dead = self._dead()
@@ -485,17 +548,61 @@ class ShardedModel:
             self._fail(dead)
         T, B = input_ids.shape[0], meta.block_tables.shape[0]
         header = (T, B, meta.block_tables.shape[1], int(meta.cu_q_lens is not None), int(meta.max_q_len),
-                  -1 if logits_indices is None else int(logits_indices.shape[0]), kv.num_pages, kv.page_size)
+                  -1 if logits_indices is None else int(logits_indices.shape[0]), kv.num_pages, kv.page_size,
+                  0 if gate_rows is None else 1 + bool(gate_rows[4]))  # 0: gather; 1: candidates; 2: + stats
         try:
             for c in self.conns:
                 c.send(header)
             for ch in self._control:
                 ch.send(header)
-            self._pg[0].broadcast(_pack(input_ids, positions, meta, logits_indices), 0).wait()
+            self._pg[0].broadcast(_pack(input_ids, positions, meta, logits_indices, gate_rows), 0).wait()
+            self.model.tp.gate_rows = gate_rows
             return self.model.forward(input_ids, positions, meta, kv, logits_indices=logits_indices)
         except (OSError, RuntimeError) as e:
             self._fail(f"{self._dead_soon() or 'a tensor-parallel collective failed'} ({type(e).__name__}: "
                        f"{str(e).splitlines()[0] if str(e) else ''})")
+
+    # ---- what the bench reads of a model (the weight bytes of a forward): rank 0's shard
+
+    @property
+    def layers(self) -> list:
+        return self.model.layers
+
+    @property
+    def lm_head(self) -> torch.Tensor:
+        return self.model.lm_head
+
+    @property
+    def final_norm(self) -> torch.Tensor | None:
+        return self.model.final_norm
+
+    # ---- the decode step's gate over the sharded vocabulary (the runner's seam: runner/steps.py)
+
+    def reduces_gate(self, state: GateState, params: GateParams) -> bool:
+        """Whether a plain decode step of these rows can take the base's candidates from the shards'
+        reductions (`decode_and_gate`): yes unless a row samples from a nucleus (top_p < 1), whose
+        cutoff needs the whole distribution (those batches gather the logits), or `reduce_gate` was
+        turned off (scripts/bench_tp.py compares both). One host read of the rows' modes when the
+        batch samples at all: once per round, where the runner asks."""
+        if not self.reduce_gate:
+            return False
+        if params.max_sample < SAMPLE_NUCLEUS:
+            return True
+        return not bool((effective_mode(state, params) == SAMPLE_NUCLEUS).any())
+
+    def decode_and_gate(self, cursor: ModelCursor, kv: KVPool, nudger_logits: torch.Tensor | None,
+                        state: GateState, params: GateParams, nudger: ModelCursor | None, sample) -> None:
+        """One decode step of the base at `cursor` and the gate step, in place, without gathering
+        the base's logits: every rank reduces its vocabulary shard to 6 numbers per row, one
+        all-gather of [B, 6], and rank 0 runs the rule, the ending and the splice on the combined
+        candidates (nudge_step_from_candidates; same tokens as the gate on the whole logits)."""
+        meta = AttentionMetadata(slot_mapping=cursor.slot_mapping, block_tables=cursor.block_tables,
+                                 seq_lens=cursor.seq_lens, cu_q_lens=None)
+        # base_only rows read no gate statistics: the shards skip them, as the fused gate kernels do
+        gate_rows = (state.seed, state.n_out, state.inv_temp, effective_mode(state, params),
+                     params.mode != MODE_BASE_ONLY)
+        candidates = self.forward(cursor.input_ids, cursor.positions, meta, kv, gate_rows=gate_rows)
+        nudge_step_from_candidates(candidates, nudger_logits, state, params, cursor, nudger, sample)
 
     def close(self) -> None:
         """Stop the workers (idempotent); called by NudgingEngine.close and at interpreter exit."""

@@ -44,8 +44,15 @@ def plain_step(kernels: Kernels, loaded: dict, params: GateParams, state: GateSt
     """A closure running one decode step of every model in play plus the gate, in place."""
     base, nudger = loaded.get("base"), loaded.get("nudger")
     bc, nc = cursors.get("base"), cursors.get("nudger")
+    # a tensor-parallel base (parallel/tensor.py) reduces its vocabulary shards to the gate's few
+    # numbers per row and runs the gate itself, instead of gathering its logits here
+    sharded = bc is not None and hasattr(base.model, "decode_and_gate") and base.model.reduces_gate(state, params)
 
     def step() -> None:
+        if sharded:
+            nl = decode_forward(nudger, nc) if nc is not None else None
+            base.model.decode_and_gate(bc, base.kv, nl, state, params, nc, kernels.sample)
+            return
         bl = decode_forward(base, bc) if bc is not None else None
         nl = decode_forward(nudger, nc) if nc is not None else None
         kernels.gate(bl, nl, state, params, bc, nc)

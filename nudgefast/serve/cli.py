@@ -18,6 +18,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"])
     p.add_argument("--weights", default="auto", choices=["auto", "dense", "gguf"])
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="split the base model across N processes (tensor parallelism; docs/PARALLEL.md)")
     p.add_argument("--max-running", type=int, default=None, help="requests decoded at once (engine default)")
     p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV pool size per model, in tokens")
     p.add_argument("--flag-interval", type=int, default=None,
@@ -51,6 +53,11 @@ def check_args(args) -> None:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ValueError(f"--{name.replace('_', '-')} {v} must be >= 1")
+    tp = args.tensor_parallel_size
+    if tp < 1:
+        raise ValueError(f"--tensor-parallel-size {tp} must be >= 1")
+    if tp > 1 and args.weights == "gguf":
+        raise ValueError("--tensor-parallel-size > 1 shards dense weights: use --weights dense (or auto)")
 
 
 def run_server(args, engine) -> int:
