@@ -78,7 +78,7 @@ class StepClock:
     def __init__(self, engine: NudgingEngine):
         self.engine = engine
         self.cuda = engine.device.type == "cuda"
-        self.marks = {"gate": [], "forward": [], "replay": []}
+        self.marks = {"gate": [], "forward": [], "replay": [], "emit": []}
         self._start = None
 
     def restart(self) -> None:
@@ -101,9 +101,13 @@ class StepClock:
 
     @contextlib.contextmanager
     def installed(self, driver: Transformer):
+        from ..runner.lazy import LazyBatch
+
         kernels = self.engine.runner.kernels
         saved_gate = kernels.gate
         kernels.gate = self._wrap(saved_gate, "gate")
+        saved_emit = LazyBatch._emit  # the lazy schedule has no gate step: its rows' emissions are marked
+        LazyBatch._emit = self._wrap(saved_emit, "emit")
         driver.forward = self._wrap(Transformer.forward.__get__(driver), "forward")
         saved_replay = torch.cuda.CUDAGraph.replay if self.cuda else None
         if self.cuda:
@@ -113,6 +117,7 @@ class StepClock:
             yield self
         finally:
             kernels.gate = saved_gate
+            LazyBatch._emit = saved_emit
             del driver.forward
             if self.cuda:
                 torch.cuda.CUDAGraph.replay = saved_replay
@@ -185,8 +190,10 @@ class NudgefastRunner:
 
     role = "ours"
 
-    def __init__(self, models: Models, config: NudgeConfig, base_prompts, nudger_prompts, name: str = "nudgefast"):
-        self.name = name
+    def __init__(self, models: Models, config: NudgeConfig, base_prompts, nudger_prompts, name: str = "nudgefast",
+                 lazy: bool | None = None):
+        self.name = name if lazy is None else f"{name}-{'lazy' if lazy else 'eager'}"
+        self.lazy = lazy  # None: the engine's own schedule; else the runner's lazy switch for this runner's runs
         self.engine, self.config = models.engines[name], config
         self.weights = models.weights[name]
         self.base_prompts = base_prompts if config.mode != "nudger_only" else None
@@ -203,15 +210,23 @@ class NudgefastRunner:
         clock = StepClock(engine)
         driver = (engine.nudger if cfg.mode == "nudger_only" else engine.base).model
         _sync(engine.device)
-        with count_cuda_syncs(count_syncs) as syncs:
-            with clock.installed(driver):
-                c0, t0 = time.process_time(), time.perf_counter()
-                clock.restart()  # the clock's origin after t0: a first-token time never exceeds the run's
-                outs = self._generate()
-                _sync(engine.device)
-                seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+        saved_lazy = engine.runner.lazy
+        if self.lazy is not None:
+            engine.runner.lazy = self.lazy
+        try:
+            with count_cuda_syncs(count_syncs) as syncs:
+                with clock.installed(driver):
+                    c0, t0 = time.process_time(), time.perf_counter()
+                    clock.restart()  # the clock's origin after t0: a first-token time never exceeds the run's
+                    outs = self._generate()
+                    _sync(engine.device)
+                    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+        finally:
+            engine.runner.lazy = saved_lazy
         rec = RunRecord(seconds, [o.token_ids for o in outs], [o.from_nudger for o in outs],
                         [o.finish_reason for o in outs], stats=[o.stats for o in outs], cpu_seconds=cpu_seconds)
+        if not self.crossvocab and all("forwards" in o.stats for o in outs):  # the lazy schedule counts its forwards
+            rec.forwards = {m: sum(o.stats["forwards"][m] for o in outs) for m in ("base", "nudger")}
         if self.crossvocab:  # max_new_tokens counts tokens emitted, each in its writer's vocabulary
             rec.row_tokens = [o.stats["emitted_tokens"] for o in outs]
         per_row = max(1, max(rec.row_tokens or [len(o.token_ids) for o in outs]))
@@ -227,6 +242,12 @@ class NudgefastRunner:
 
     def _latencies(self, rec: RunRecord, clock: StepClock, outs) -> None:
         gate = clock.seconds("gate")
+        emits = clock.seconds("emit")
+        if not gate and emits and len(outs) == 1:  # the lazy schedule, one row: one mark per position
+            rec.ttft = emits[0]
+            rec.latencies = [b - a for a, b in zip(emits, emits[1:])]
+            rec.latency_source = "time between emitted tokens (lazy schedule)"
+            return
         if not gate:
             rec.latency_source = "unavailable (no gate step observed)"
             return
