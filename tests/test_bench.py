@@ -204,6 +204,28 @@ def test_compare_outputs_checks_every_row():
                                 "finish_reason_equal": True, "tokens_compared": 2}]
 
 
+def test_schedules_side_by_side(tiny_pair, tmp_path):
+    """--schedule lazy,eager: both schedules of word-level nudging on one engine, the same tokens,
+    and the lazy runs' bytes follow the forwards they counted (fewer than one per model per token)."""
+    base, nudger = tiny_pair
+    out = tmp_path / "schedules.json"
+    argv = ["--base", str(base), "--nudger", str(nudger), "--mode", "base_only,nudging", "--granularity", "word",
+            "--prompt-len", str(PROMPT_LEN), "--new-tokens", str(NEW_TOKENS), "--threshold", "0.5", "--repeats", "1",
+            "--threads", "1", "--schedule", "lazy,eager", "--out", str(out), "--quiet"]
+    assert bench.main(argv) == 0
+    result = json.loads(out.read_text())
+    by = {(s["case"], s["engine"]): s for s in result["scenarios"]}
+    assert set(by) == {("base_only-b1", "nudgefast"), ("nudging-word-b1", "nudgefast-lazy"),
+                       ("nudging-word-b1", "nudgefast-eager")}
+    lazy, eager = by["nudging-word-b1", "nudgefast-lazy"], by["nudging-word-b1", "nudgefast-eager"]
+    assert lazy["same_tokens"] and eager["same_tokens"]
+    assert eager["bytes_per_token"]["forwards_per_token"] == {"base": 1.0, "nudger": 1.0}
+    fwd = lazy["bytes_per_token"]["forwards_per_token"]
+    assert lazy["forwards_per_run"]["base"] == fwd["base"] * NEW_TOKENS
+    assert 1.0 <= fwd["base"] + fwd["nudger"] < 2.0 and lazy["bytes_per_token"]["bytes"] < eager["bytes_per_token"]["bytes"]
+    assert lazy["ms_per_token"]["n"] == NEW_TOKENS - 1 and lazy["ttft_ms"] > 0
+
+
 def test_forced_token_mismatch_suppresses_the_speedup_and_fails_the_command(tiny_pair, tmp_path, capsys):
     """Acceptance of issue 17: a token mismatch in one timed repeat (the test hook corrupts the
     anchor's last repeat; the warm-up and the first repeat are fine) marks the row, gives no
@@ -319,6 +341,8 @@ def test_bad_arguments_are_refused():
         bench.parse_args(["--preset", "no-such-preset"])
     with pytest.raises(UserError, match="unknown mode"):
         bench.parse_args(["--preset", "olmo2-tiny+tiny", "--mode", "sideways"])
+    with pytest.raises(UserError, match="--schedule"):
+        bench.parse_args(["--preset", "olmo2-tiny+tiny", "--schedule", "lazy,sometimes"])
     with pytest.raises(ValueError, match="untied"):
         spec = spec_from_config(dict(bench.SHAPES["llama-tiny"], tie_word_embeddings=True))
         bench.planted_weights(spec, 0, "cpu", torch.float32, torch.arange(spec.vocab_size))

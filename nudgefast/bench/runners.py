@@ -106,8 +106,12 @@ class StepClock:
         kernels = self.engine.runner.kernels
         saved_gate = kernels.gate
         kernels.gate = self._wrap(saved_gate, "gate")
-        saved_emit = LazyBatch._emit  # the lazy schedule has no gate step: its rows' emissions are marked
-        LazyBatch._emit = self._wrap(saved_emit, "emit")
+        saved_emit = LazyBatch._emit  # the lazy schedule has no gate step: each row's emissions are marked
+
+        def emit(batch, row, *a):
+            saved_emit(batch, row, *a)
+            self.marks["emit"].append((id(row), self._mark()))
+        LazyBatch._emit = emit
         driver.forward = self._wrap(Transformer.forward.__get__(driver), "forward")
         saved_replay = torch.cuda.CUDAGraph.replay if self.cuda else None
         if self.cuda:
@@ -121,6 +125,17 @@ class StepClock:
             del driver.forward
             if self.cuda:
                 torch.cuda.CUDAGraph.replay = saved_replay
+
+    def row_seconds(self) -> list[list[float]]:
+        """The lazy schedule's emission marks, per row (seconds since the start of the run)."""
+        rows: dict = {}
+        for key, t in self.marks["emit"]:
+            rows.setdefault(key, []).append(t)
+        start = self._start
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [[start.elapsed_time(e) / 1e3 for e in ts] for ts in rows.values()]
+        return [[t - start for t in ts] for ts in rows.values()]
 
     def seconds(self, kind) -> list[float]:
         """Seconds since the start of the run, for each mark of `kind`."""
@@ -242,11 +257,14 @@ class NudgefastRunner:
 
     def _latencies(self, rec: RunRecord, clock: StepClock, outs) -> None:
         gate = clock.seconds("gate")
-        emits = clock.seconds("emit")
-        if not gate and emits and len(outs) == 1:  # the lazy schedule, one row: one mark per position
-            rec.ttft = emits[0]
-            rec.latencies = [b - a for a, b in zip(emits, emits[1:])]
-            rec.latency_source = "time between emitted tokens (lazy schedule)"
+        rows = [ts for ts in clock.row_seconds() if ts]
+        if not gate and rows:
+            # the lazy schedule has no shared step: position k is done when every row still running
+            # has emitted its k-th token
+            done = [max(ts[k] for ts in rows if k < len(ts)) for k in range(max(map(len, rows)))]
+            rec.ttft = done[0]
+            rec.latencies = [b - a for a, b in zip(done, done[1:])]
+            rec.latency_source = "time between positions done by every row (lazy schedule)"
             return
         if not gate:
             rec.latency_source = "unavailable (no gate step observed)"
