@@ -296,7 +296,9 @@ def summarize(runner, case: Case, cfg: NudgeConfig, runs: list[RunRecord], cuda_
                               if cuda_syncs is not None else
                               ("not counted: the cross-vocabulary path reads the candidates on the host every step"
                                if ours and host_syncs is None else
-                               "counted: engine reads of the all-finished flag" if ours else
+                               ("counted: engine reads of the round's results and, in the lazy schedule, of "
+                                "each forward's candidates" if ours and last.forwards else
+                                "counted: engine reads of the all-finished flag") if ours else
                                ("counted: host reads in the anchor loop" if host_syncs is not None else
                                 "not countable on the CPU (inside transformers generate; >= 1 per token)"))),
         "nudged_fraction": sum(flags) / len(flags) if flags else 0.0,

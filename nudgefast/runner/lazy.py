@@ -259,11 +259,13 @@ class LazyBatch:
         cu = torch.zeros(len(rows) + 1, dtype=torch.int64)
         cu[1:] = torch.cumsum(lens, 0)
         positions = start[row_of_token] + torch.arange(int(cu[-1])) - cu[:-1][row_of_token]
+        for r, s0, c in zip(rows, starts, chunks):
+            if s0 + len(c) > len(r.pages[m]) * page:  # would land in the scratch page and be lost
+                raise RuntimeError(f"a {m} forward of {len(c)} tokens at position {s0} reaches past the row's "
+                                   f"{len(r.pages[m])} pages (the scheduler reserves them)")
         width = max(len(r.pages[m]) for r in rows)
         table = torch.tensor([r.pages[m] + [pool.scratch_page] * (width - len(r.pages[m])) for r in rows],
                              dtype=torch.int32)
-        if int(positions.max()) >= width * page:
-            raise RuntimeError("a lazy catch-up reaches past a row's pages (the scheduler reserves them)")
         slots = table[row_of_token, positions // page].to(torch.int64) * page + positions % page
         dev = self.device
         seq_lens = (start + lens).to(torch.int32).to(dev)

@@ -195,6 +195,8 @@ class ModelRunner:
         for i, req in enumerate(b.requests):
             req.row_stats["host_reads"] = req.row_stats.get("host_reads", 0) + 1
             if counts is not None:  # decode forwards of each model (prefill not counted)
+                # the lazy schedule reads every forward's candidates on the host
+                req.row_stats["host_reads"] += sum(counts[i][0].values())
                 for key, per_model in zip(("forwards", "forward_tokens"), counts[i]):
                     acc = req.row_stats.setdefault(key, {"base": 0, "nudger": 0})
                     for m, v in per_model.items():
