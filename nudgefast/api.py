@@ -4,6 +4,7 @@ RequestOutput from params.py."""
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -75,6 +76,22 @@ def default_kv_tokens(device: torch.device, spec, dtype: torch.dtype) -> int:
     return int(max(4096, min(262144, 0.35 * free // per_token)))
 
 
+def lazy_schedule(lazy: bool | None, device: torch.device) -> bool:
+    """Whether shared-vocabulary nudging (speculate=0) runs the lazy schedule (runner/lazy.py): the
+    argument when given, else $NUDGEFAST_LAZY ("0" or "1"), else on for the CPU only (it reads the
+    candidates on the host at every forward, which the CUDA loop must not)."""
+    if lazy is not None:
+        if not isinstance(lazy, bool):
+            raise ValueError(f"lazy={lazy!r} must be True, False or None")
+        return lazy
+    env = os.environ.get("NUDGEFAST_LAZY")
+    if env is not None and env not in ("0", "1"):
+        raise ValueError(f"NUDGEFAST_LAZY={env!r} must be '0' or '1'")
+    if env is not None:
+        return env == "1"
+    return device.type == "cpu"
+
+
 class NudgingEngine(RequestEngine):
     """Both models in one process, paged KV caches on the device, requests decoded in one running
     batch (continuous batching: add_request / step / abort, engine/engine.py).
@@ -88,14 +105,16 @@ class NudgingEngine(RequestEngine):
     model.safetensors; "gguf": on the CPU, every quantized linear weight is read from the blocks of
     the GGUF file the model was converted from, ~5x fewer bytes per token for a Q4 file, same weight
     values: see blocks.py; "gguf-q8": the same blocks multiplied with activations quantized to int8
-    per block in decode, inexact, opt-in).
+    per block in decode, inexact, opt-in); lazy (shared-vocabulary nudging with speculate=0 runs each
+    model only where the rule reads its logits, a lagging model catching up in one multi-token
+    forward: runner/lazy.py, same tokens; None = on for the CPU, off for CUDA, or $NUDGEFAST_LAZY=0/1).
     """
 
     def __init__(self, base=None, nudger=None, device="cpu", dtype: torch.dtype | str | None = None, *,
                  kv_cache_tokens: int | None = None, page_size: int = 16, max_running: int = 64,
                  prefill_budget: int | None = None, native: bool | None = None, flag_interval: int = 16,
                  cuda_graphs: bool = True, sync_debug: bool = False, weights: str = "dense",
-                 tensor_parallel_size: int = 1):
+                 tensor_parallel_size: int = 1, lazy: bool | None = None):
         if base is None and nudger is None:
             raise ValueError("NudgingEngine needs at least one model directory (base or nudger)")
         if isinstance(dtype, str):
@@ -121,6 +140,7 @@ class NudgingEngine(RequestEngine):
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and tensor_parallel_size == 1
         self.tensor_parallel_size = tensor_parallel_size
         self.sync_debug = sync_debug  # tests: raise on any host sync inside a decode round (CUDA)
+        self.lazy = lazy_schedule(lazy, self.device)
         self.weights = weights
         if weights in ("gguf", "gguf-q8") and self.backend.kind == "torch":
             log.warning("nudgefast: weights='gguf' without the native ops dequantizes every weight at every step "

@@ -55,7 +55,9 @@ T_ACCEPT = ["tests/kernels/test_gate_edges.py", "tests/kernels/test_spec_accept.
 T_CPP = ["tests/kernels/test_gate_edges.py", "tests/test_native_ops.py", "tests/test_rule_edges.py",
          "tests/test_backends.py"]
 
+T_LAZY = ["tests/test_lazy.py", "-m", "not slow", "tests/test_rule_edges.py"]
 R, X, TK = "nudgefast/reference.py", "nudgefast/crossvocab_reference.py", "nudgefast/tokenizer.py"
+LZ = "nudgefast/runner/lazy.py"
 G, A, C = "kernels/nudge_gate.py", "kernels/spec_accept.py", "csrc/nudge_gate.cpp"
 
 MUTATIONS = [
@@ -200,6 +202,18 @@ MUTATIONS = [
              "C++ step: an emitted stop id is written"),
     Mutation("cpp-span-0", C, [("sp[r] >= 1 && n_word_start", "sp[r] >= 0 && n_word_start")], T_CPP,
              "C++ step: NUDGE may hand back before the nudger wrote"),
+    # ---- the lazy CPU schedule (runner/lazy.py) ------------------------------------------------
+    Mutation("lazy-base-stop-ignored", LZ, [("            if confident and b_ok:\n", "            if confident:\n")],
+             T_LAZY, "lazy: a confident base stop id is emitted instead of handing over"),
+    Mutation("lazy-never-hand-back", LZ, [("        if r.span >= 1 and ws:", "        if False:")], T_LAZY,
+             "lazy: NUDGE never asks the base at a word start"),
+    Mutation("lazy-span-0", LZ, [("r.word_state, r.span = STATE_NUDGE, 1", "r.word_state, r.span = STATE_NUDGE, 0")],
+             T_LAZY, "lazy: BASE -> NUDGE starts the span at 0"),
+    Mutation("lazy-late-draw", LZ, [("steps = torch.tensor([r.n_out for r in rows]",
+                                     "steps = torch.tensor([r.n_out + (m == NUDGER) for r in rows]")], T_LAZY,
+             "lazy: the nudger's draw keyed one step late"),
+    Mutation("lazy-no-catch-up", LZ, [("            start = r.cached[m]\n", "            start = len(r.ids[m]) - 1\n")],
+             T_LAZY, "lazy: a lagging model skips its backlog's KV"),
 ]
 
 PLUGIN = '''

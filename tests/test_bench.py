@@ -122,7 +122,13 @@ def test_every_scenario_has_every_figure(cpu_run):
             else:
                 # one host read per round: a one-step round for the first token (so it streams right
                 # after the prefill), then one round of flag_interval (16) steps for the other 11
-                assert s["host_syncs_per_token"] == pytest.approx(2 / NEW_TOKENS)
+                # (the lazy schedule of nudging also reads each forward's candidates: one read per
+                # forward it counted)
+                forwards = sum((s["forwards_per_run"] or {}).values())  # summed over the rows
+                if s["batch"] == 1 or not forwards:
+                    assert s["host_syncs_per_token"] == pytest.approx((2 + forwards) / NEW_TOKENS)
+                else:  # row 0's reads
+                    assert 2 / NEW_TOKENS < s["host_syncs_per_token"] <= (2 + forwards) / NEW_TOKENS
                 # the clock saw every decode step of every timed run: a sample per token after the first
                 assert ms["n"] == s["repeats"] * (NEW_TOKENS - 1)
                 assert s["acceptance"] is None
@@ -202,6 +208,28 @@ def test_compare_outputs_checks_every_row():
     assert not d["equal"] and d["runs_checked"] == 2 and d["mismatch_count"] == 1
     assert d["mismatches"] == [{"run": "timed 2", "row": 2, "first_divergence": 1, "provenance_equal": True,
                                 "finish_reason_equal": True, "tokens_compared": 2}]
+
+
+def test_schedules_side_by_side(tiny_pair, tmp_path):
+    """--schedule lazy,eager: both schedules of word-level nudging on one engine, the same tokens,
+    and the lazy runs' bytes follow the forwards they counted (fewer than one per model per token)."""
+    base, nudger = tiny_pair
+    out = tmp_path / "schedules.json"
+    argv = ["--base", str(base), "--nudger", str(nudger), "--mode", "base_only,nudging", "--granularity", "word",
+            "--prompt-len", str(PROMPT_LEN), "--new-tokens", str(NEW_TOKENS), "--threshold", "0.5", "--repeats", "1",
+            "--threads", "1", "--schedule", "lazy,eager", "--out", str(out), "--quiet"]
+    assert bench.main(argv) == 0
+    result = json.loads(out.read_text())
+    by = {(s["case"], s["engine"]): s for s in result["scenarios"]}
+    assert set(by) == {("base_only-b1", "nudgefast"), ("nudging-word-b1", "nudgefast-lazy"),
+                       ("nudging-word-b1", "nudgefast-eager")}
+    lazy, eager = by["nudging-word-b1", "nudgefast-lazy"], by["nudging-word-b1", "nudgefast-eager"]
+    assert lazy["same_tokens"] and eager["same_tokens"]
+    assert eager["bytes_per_token"]["forwards_per_token"] == {"base": 1.0, "nudger": 1.0}
+    fwd = lazy["bytes_per_token"]["forwards_per_token"]
+    assert lazy["forwards_per_run"]["base"] == fwd["base"] * NEW_TOKENS
+    assert 1.0 <= fwd["base"] + fwd["nudger"] < 2.0 and lazy["bytes_per_token"]["bytes"] < eager["bytes_per_token"]["bytes"]
+    assert lazy["ms_per_token"]["n"] == NEW_TOKENS - 1 and lazy["ttft_ms"] > 0
 
 
 def test_forced_token_mismatch_suppresses_the_speedup_and_fails_the_command(tiny_pair, tmp_path, capsys):
@@ -323,6 +351,8 @@ def test_bad_arguments_are_refused():
         bench.parse_args(["--preset", "no-such-preset"])
     with pytest.raises(UserError, match="unknown mode"):
         bench.parse_args(["--preset", "olmo2-tiny+tiny", "--mode", "sideways"])
+    with pytest.raises(UserError, match="--schedule"):
+        bench.parse_args(["--preset", "olmo2-tiny+tiny", "--schedule", "lazy,sometimes"])
     with pytest.raises(ValueError, match="untied"):
         spec = spec_from_config(dict(bench.SHAPES["llama-tiny"], tie_word_embeddings=True))
         bench.planted_weights(spec, 0, "cpu", torch.float32, torch.arange(spec.vocab_size))

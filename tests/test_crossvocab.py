@@ -179,6 +179,36 @@ def test_greedy_equals_reference_single_and_batched(pair):
     assert engine.nudger.kv.allocator.num_free == engine.nudger.kv.num_pages
 
 
+def test_each_model_runs_only_where_the_rule_reads_it(pair):
+    """The text-level path is lazy by construction: each forward of a row serves one candidate the
+    rule reads, and a model that did not write catches up on the other's text in one chunk. So its
+    forward count per model equals the logits the reference reads (it computes them only where the
+    rule needs them), and the forwards of both models together stay under two per emitted token."""
+    name, engine, hf_base, hf_nudger, threshold = pair
+    cfg = nf.NudgeConfig(mode="nudging", threshold=threshold, max_new_tokens=NEW_TOKENS)
+    base_prompts, nudger_prompts = prompts_for(engine, QUESTIONS)
+    outs = engine.generate_ids(base_prompts, nudger_prompts, cfg)
+    for o, bp, np_ in zip(outs, base_prompts, nudger_prompts):
+        reads = {"base": 0, "nudger": 0}
+
+        def counted(model, who):
+            fn = hf_logits_fn(model)
+
+            def wrapped(ids):
+                reads[who] += 1
+                return fn(ids)
+            return wrapped
+
+        base_stop = frozenset(eos_and_end_of_turn(engine.base.dir))
+        nudger_stop = frozenset(eos_and_end_of_turn(engine.nudger.dir))
+        ref = reference_crossvocab(Party(oracle_codec(engine.base), bp, counted(hf_base, "base"), base_stop),
+                                   Party(oracle_codec(engine.nudger), np_, counted(hf_nudger, "nudger"), nudger_stop),
+                                   cfg, 0)
+        assert o.text == ref.text
+        assert o.stats["forwards"] == reads
+        assert reads["base"] + reads["nudger"] < 2 * o.stats["emitted_tokens"]
+
+
 def test_seeded_sampling_equals_reference_and_repeats(pair):
     name, engine, hf_base, hf_nudger, threshold = pair
     cfg = nf.NudgeConfig(mode="nudging", threshold=threshold, temperature=0.8, top_p=0.9, seed=11,

@@ -24,8 +24,10 @@ def tokenizer():
 
 
 def small_engine(family, root, tokenizer, kv_cache_tokens, max_running=8, **kw):
-    """A tiny pair whose pools are small enough to force waiting and preemption."""
-    _, solo, _, _, tok = make_pair(family, root, tokenizer, with_hf=False, kv_cache_tokens=4096)
+    """A tiny pair whose pools are small enough to force waiting and preemption. The solo engine
+    runs the eager step (lazy=False), the busy one the default (on the CPU: the lazy schedule of
+    runner/lazy.py), so the schedules compare the two as well."""
+    _, solo, _, _, tok = make_pair(family, root, tokenizer, with_hf=False, kv_cache_tokens=4096, lazy=False)
     busy = nf.NudgingEngine(base=solo.base.dir, nudger=solo.nudger.dir, page_size=4,
                             kv_cache_tokens=kv_cache_tokens, max_running=max_running, flag_interval=4, **kw)
     return solo, busy, tok

@@ -72,11 +72,11 @@ class Scripted:
         self.engines = {}
         self.refs = {}
 
-    def engine(self, native: bool):
-        if native not in self.engines:
-            self.engines[native] = nf.NudgingEngine(base=self.base_dir, nudger=self.nudger_dir, page_size=4,
-                                                    kv_cache_tokens=256, native=native)
-        return self.engines[native]
+    def engine(self, native: bool, lazy: bool | None = None):
+        if (native, lazy) not in self.engines:
+            self.engines[native, lazy] = nf.NudgingEngine(base=self.base_dir, nudger=self.nudger_dir, page_size=4,
+                                                          kv_cache_tokens=256, native=native, lazy=lazy)
+        return self.engines[native, lazy]
 
     def reference(self, prompts, cfg):
         key = (repr(prompts), repr(cfg))  # the reference is slow (transformers from scratch): once per case
@@ -90,8 +90,8 @@ class Scripted:
         return [reference_generate(hf_logits_fn(self.hf[0]), hf_logits_fn(self.hf[1]), p, p, cfg, stop,
                                    lambda i: flags[i], 0) for p in prompts]
 
-    def run(self, prompts, cfg, native: bool):
-        return self.engine(native).generate_ids(base_prompts=prompts, nudger_prompts=prompts, config=cfg)
+    def run(self, prompts, cfg, native: bool, lazy: bool | None = None):
+        return self.engine(native, lazy).generate_ids(base_prompts=prompts, nudger_prompts=prompts, config=cfg)
 
 
 def outcome(o):
@@ -99,9 +99,11 @@ def outcome(o):
 
 
 def check_all(scripted, prompts, cfg, expected, native):
-    """The reference, the engine (plain and speculative) all give `expected` (one tuple per row)."""
+    """The reference, the engine (plain: the lazy schedule and the eager gate step; speculative) all
+    give `expected` (one tuple per row)."""
     assert [outcome(r) for r in scripted.reference(prompts, cfg)] == expected, "reference"
-    assert [outcome(o) for o in scripted.run(prompts, cfg, native)] == expected, "engine"
+    for lazy in (True, False):
+        assert [outcome(o) for o in scripted.run(prompts, cfg, native, lazy)] == expected, f"engine, lazy={lazy}"
     if cfg.temperature == 0:
         for K in (1, 3):
             spec = scripted.run(prompts, dataclasses.replace(cfg, speculate=K), native)

@@ -109,6 +109,10 @@ def bytes_per_token(runner, case: Case, cfg: NudgeConfig, runs: list[RunRecord],
             per_round = statistics.mean(((acceptance(r) or {}).get("tokens_per_round") or 1.0) for r in runs)
             fwd = {"base": 1.0 / per_round, "nudger": cfg.speculate / per_round}
             how = f"per round: the base once, the nudger {cfg.speculate} times; {per_round:.2f} tokens per round"
+        elif all(r.forwards for r in runs):  # the lazy schedule counts the forwards it runs
+            fwd = {r: statistics.mean(x.forwards.get(r, 0) / max(1, x.tokens) for x in runs) for r in roles}
+            how = "lazy schedule: decode forwards counted in the runs per emitted token (a catch-up chunk reads " \
+                  "the weights once)"
         else:
             fwd = dict.fromkeys(roles, 1.0)
             how = "every model in play once per decode step"
@@ -140,10 +144,20 @@ class Case:
         return f"{kind}{f'-K{self.speculate}' if self.speculate else ''}-b{self.batch}"
 
 
-def case_runners(models: Models, cfg: NudgeConfig, base_prompts, nudger_prompts, anchors: bool) -> list:
+def schedules(cfg: NudgeConfig, wanted: list[str] | None) -> list[bool | None]:
+    """The lazy switch of each nudgefast runner of a case: None (the engine's own) unless --schedule
+    asks for lazy and/or eager and the case is shared-vocabulary nudging without speculation."""
+    if not wanted or cfg.mode != "nudging" or cfg.speculate:
+        return [None]
+    return [s == "lazy" for s in wanted]
+
+
+def case_runners(models: Models, cfg: NudgeConfig, base_prompts, nudger_prompts, anchors: bool,
+                 schedule: list[str] | None = None) -> list:
     """nudgefast on each of its engines (dense first: the reference every other run is checked
     against), then (at batch 1, when asked) the anchors that do the same work."""
-    runners = [NudgefastRunner(models, cfg, base_prompts, nudger_prompts, name) for name in models.engines]
+    runners = [NudgefastRunner(models, cfg, base_prompts, nudger_prompts, name, lazy)
+               for name in models.engines for lazy in schedules(cfg, schedule)]
     if anchors and len(base_prompts) == 1 and not runners[0].crossvocab:  # no transformers anchor across vocabularies
         stop_ids = models.engine.stop_ids_for(cfg)
         word_start = models.engine.word_start_for(cfg)
@@ -165,7 +179,8 @@ def run_case(models: Models, case: Case, args, bandwidth: dict | None, log) -> l
                       stop_token_ids=None if args.stop_at_eos else [])
     base_prompts, nudger_prompts = make_prompts(models, case.batch, case.prompt_len, args.seed)
     try:
-        runners = case_runners(models, cfg, base_prompts, nudger_prompts, anchors=args.anchors)
+        runners = case_runners(models, cfg, base_prompts, nudger_prompts, anchors=args.anchors,
+                               schedule=getattr(args, "schedule", None))
     except ValueError as e:
         log(f"  skipped: {e}")
         return []
@@ -281,7 +296,9 @@ def summarize(runner, case: Case, cfg: NudgeConfig, runs: list[RunRecord], cuda_
                               if cuda_syncs is not None else
                               ("not counted: the cross-vocabulary path reads the candidates on the host every step"
                                if ours and host_syncs is None else
-                               "counted: engine reads of the all-finished flag" if ours else
+                               ("counted: engine reads of the round's results and, in the lazy schedule, of "
+                                "each forward's candidates" if ours and last.forwards else
+                                "counted: engine reads of the all-finished flag") if ours else
                                ("counted: host reads in the anchor loop" if host_syncs is not None else
                                 "not countable on the CPU (inside transformers generate; >= 1 per token)"))),
         "nudged_fraction": sum(flags) / len(flags) if flags else 0.0,

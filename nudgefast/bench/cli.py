@@ -81,6 +81,9 @@ def parse_args(argv):
     p.add_argument("--allow-mismatch", action="store_true",
                    help="exit 0 even when a run's tokens differ from the reference (the speed-ups stay suppressed)")
     p.add_argument("--test-force-mismatch", metavar="ENGINE", help=argparse.SUPPRESS)  # test hook: corrupt a run
+    p.add_argument("--schedule", type=_csv(str), default=None,
+                   help="comma list of lazy, eager: the schedules of shared-vocabulary nudging (speculate=0) to run "
+                        "side by side on each engine (default: the engine's own, lazy on the CPU)")
     p.add_argument("--flag-interval", type=int, default=16)
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--no-bandwidth", action="store_true", help="skip the copy-bandwidth measurement")
@@ -121,6 +124,8 @@ def parse_args(argv):
         args.cases = list(dict.fromkeys(cases))
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
+    if args.schedule is not None and (not args.schedule or any(x not in ("lazy", "eager") for x in args.schedule)):
+        p.error(f"--schedule takes lazy and/or eager, got {args.schedule}")
     for flag, values in (("--batch", args.batch), ("--prompt-len", [args.prompt_len]),
                          ("--new-tokens", [args.new_tokens]), ("--threads", [args.threads or 1])):
         if any(v < 1 for v in values):

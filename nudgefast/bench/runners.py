@@ -78,7 +78,7 @@ class StepClock:
     def __init__(self, engine: NudgingEngine):
         self.engine = engine
         self.cuda = engine.device.type == "cuda"
-        self.marks = {"gate": [], "forward": [], "replay": []}
+        self.marks = {"gate": [], "forward": [], "replay": [], "emit": []}
         self._start = None
 
     def restart(self) -> None:
@@ -101,9 +101,17 @@ class StepClock:
 
     @contextlib.contextmanager
     def installed(self, driver: Transformer):
+        from ..runner.lazy import LazyBatch
+
         kernels = self.engine.runner.kernels
         saved_gate = kernels.gate
         kernels.gate = self._wrap(saved_gate, "gate")
+        saved_emit = LazyBatch._emit  # the lazy schedule has no gate step: each row's emissions are marked
+
+        def emit(batch, row, *a):
+            saved_emit(batch, row, *a)
+            self.marks["emit"].append((id(row), self._mark()))
+        LazyBatch._emit = emit
         # a Transformer, or a tensor-parallel ShardedModel, whose plain decode step runs its own gate
         driver.forward = self._wrap(type(driver).forward.__get__(driver), "forward")
         sharded_gate = getattr(type(driver), "decode_and_gate", None)
@@ -117,11 +125,23 @@ class StepClock:
             yield self
         finally:
             kernels.gate = saved_gate
+            LazyBatch._emit = saved_emit
             del driver.forward
             if sharded_gate is not None:
                 del driver.decode_and_gate
             if self.cuda:
                 torch.cuda.CUDAGraph.replay = saved_replay
+
+    def row_seconds(self) -> list[list[float]]:
+        """The lazy schedule's emission marks, per row (seconds since the start of the run)."""
+        rows: dict = {}
+        for key, t in self.marks["emit"]:
+            rows.setdefault(key, []).append(t)
+        start = self._start
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [[start.elapsed_time(e) / 1e3 for e in ts] for ts in rows.values()]
+        return [[t - start for t in ts] for ts in rows.values()]
 
     def seconds(self, kind) -> list[float]:
         """Seconds since the start of the run, for each mark of `kind`."""
@@ -191,8 +211,10 @@ class NudgefastRunner:
 
     role = "ours"
 
-    def __init__(self, models: Models, config: NudgeConfig, base_prompts, nudger_prompts, name: str = "nudgefast"):
-        self.name = name
+    def __init__(self, models: Models, config: NudgeConfig, base_prompts, nudger_prompts, name: str = "nudgefast",
+                 lazy: bool | None = None):
+        self.name = name if lazy is None else f"{name}-{'lazy' if lazy else 'eager'}"
+        self.lazy = lazy  # None: the engine's own schedule; else the runner's lazy switch for this runner's runs
         self.engine, self.config = models.engines[name], config
         self.weights = models.weights[name]
         self.base_prompts = base_prompts if config.mode != "nudger_only" else None
@@ -209,15 +231,23 @@ class NudgefastRunner:
         clock = StepClock(engine)
         driver = (engine.nudger if cfg.mode == "nudger_only" else engine.base).model
         _sync(engine.device)
-        with count_cuda_syncs(count_syncs) as syncs:
-            with clock.installed(driver):
-                c0, t0 = time.process_time(), time.perf_counter()
-                clock.restart()  # the clock's origin after t0: a first-token time never exceeds the run's
-                outs = self._generate()
-                _sync(engine.device)
-                seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+        saved_lazy = engine.runner.lazy
+        if self.lazy is not None:
+            engine.runner.lazy = self.lazy
+        try:
+            with count_cuda_syncs(count_syncs) as syncs:
+                with clock.installed(driver):
+                    c0, t0 = time.process_time(), time.perf_counter()
+                    clock.restart()  # the clock's origin after t0: a first-token time never exceeds the run's
+                    outs = self._generate()
+                    _sync(engine.device)
+                    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+        finally:
+            engine.runner.lazy = saved_lazy
         rec = RunRecord(seconds, [o.token_ids for o in outs], [o.from_nudger for o in outs],
                         [o.finish_reason for o in outs], stats=[o.stats for o in outs], cpu_seconds=cpu_seconds)
+        if not self.crossvocab and all("forwards" in o.stats for o in outs):  # the lazy schedule counts its forwards
+            rec.forwards = {m: sum(o.stats["forwards"][m] for o in outs) for m in ("base", "nudger")}
         if self.crossvocab:  # max_new_tokens counts tokens emitted, each in its writer's vocabulary
             rec.row_tokens = [o.stats["emitted_tokens"] for o in outs]
         per_row = max(1, max(rec.row_tokens or [len(o.token_ids) for o in outs]))
@@ -233,6 +263,15 @@ class NudgefastRunner:
 
     def _latencies(self, rec: RunRecord, clock: StepClock, outs) -> None:
         gate = clock.seconds("gate")
+        rows = [ts for ts in clock.row_seconds() if ts]
+        if not gate and rows:
+            # the lazy schedule has no shared step: position k is done when every row still running
+            # has emitted its k-th token
+            done = [max(ts[k] for ts in rows if k < len(ts)) for k in range(max(map(len, rows)))]
+            rec.ttft = done[0]
+            rec.latencies = [b - a for a, b in zip(done, done[1:])]
+            rec.latency_source = "time between positions done by every row (lazy schedule)"
+            return
         if not gate:
             rec.latency_source = "unavailable (no gate step observed)"
             return

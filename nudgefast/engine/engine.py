@@ -46,7 +46,8 @@ class RequestEngine:
     """The request-level half of NudgingEngine (api.py loads the models and builds prompts).
 
     Subclasses provide: self.device, self.backend, self.base / self.nudger (LoadedModel or None),
-    self.flag_interval, self.cuda_graphs, self.sync_debug, and call _init_requests()."""
+    self.flag_interval, self.cuda_graphs, self.sync_debug, self.lazy (the runner's lazy schedule of
+    shared-vocabulary nudging, runner/lazy.py), and call _init_requests()."""
 
     def _init_requests(self, max_running: int, prefill_budget: int) -> None:
         if type(max_running) is not int or max_running < 1:
@@ -56,7 +57,7 @@ class RequestEngine:
         self.models = {m: lm for m, lm in (("base", self.base), ("nudger", self.nudger)) if lm is not None}
         self.scheduler = Scheduler({m: lm.kv for m, lm in self.models.items()}, max_running, prefill_budget)
         self.runner = ModelRunner(self.models, self.device, self.backend.kind, self.flag_interval,
-                                  self.cuda_graphs, self.sync_debug, self._word_start_table())
+                                  self.cuda_graphs, self.sync_debug, self._word_start_table(), lazy=self.lazy)
         self.crossvocab_runner = CrossVocabRunner(self) if self.cross_vocabulary else None
         self.requests: dict[str, Request] = {}
         self._arrivals = itertools.count()

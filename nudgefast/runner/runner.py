@@ -15,6 +15,7 @@ from ..kernels.nudge_gate import FINISH_LENGTH, FINISH_STOP, MODE_BASE_ONLY, MOD
 from ..kv_cache import AttentionMetadata
 from .batch import RowBatch, RowInit
 from .graphs import GraphCache
+from .lazy import LazyBatch
 from .steps import Kernels, SpeculativeRound, plain_step
 
 MODE_CODES = {"nudging": MODE_NUDGING, "base_only": MODE_BASE_ONLY, "nudger_only": MODE_NUDGER_ONLY}
@@ -26,16 +27,18 @@ def group_key(config) -> tuple[str, int]:
 
 
 class Group:
-    """The running rows of one (mode, K)."""
+    """The running rows of one (mode, K): a RowBatch stepped on the device, or (the lazy schedule of
+    nudging with K = 0, lazy.py) a LazyBatch stepped by the host one model at a time."""
 
-    def __init__(self, mode: str, K: int, batch: RowBatch):
+    def __init__(self, mode: str, K: int, batch):
         self.mode, self.K, self.batch = mode, K, batch
         self.mode_code = MODE_CODES[mode]
+        self.lazy = isinstance(batch, LazyBatch)
 
 
 class ModelRunner:
     def __init__(self, loaded: dict, device: torch.device, backend_kind: str, flag_interval: int,
-                 cuda_graphs: bool, sync_debug: bool, word_start: torch.Tensor):
+                 cuda_graphs: bool, sync_debug: bool, word_start: torch.Tensor, lazy: bool = False):
         self.loaded = loaded  # name -> LoadedModel (model, kv pool, spec)
         self.device = device
         self.kernels = Kernels(backend_kind)
@@ -46,6 +49,8 @@ class ModelRunner:
         self.groups: dict[tuple[str, int], Group] = {}
         # block tables as wide as the model's whole context (+ speculation slack): one shape for all
         self.widths = {m: lm.kv.pages_for(lm.spec.max_position_embeddings + 2 * 16 + 2) for m, lm in loaded.items()}
+        # nudging with K = 0 runs the lazy schedule (lazy.py) for groups created while this is True
+        self.lazy = lazy
         self.step_hook = None  # called after each decode step / round with (group key, rows): the bench's seam
 
     # ---- sizes -------------------------------------------------------------------------------
@@ -88,6 +93,12 @@ class ModelRunner:
     def group(self, mode: str, K: int) -> Group:
         key = (mode, K)
         g = self.groups.get(key)
+        lazy = self.lazy and mode == "nudging" and K == 0
+        if g is not None and g.lazy != lazy and len(g.batch) == 0:  # the switch changed while the group was empty
+            g = None
+        if g is None and lazy:
+            batch = LazyBatch(self.loaded, self.kernels.sample, self.ring_width(K), self.word_start, self.device)
+            g = self.groups[key] = Group(mode, K, batch)
         if g is None:
             models = MODELS_OF[mode]
             batch = RowBatch(models, {m: self.loaded[m].kv for m in models}, {m: self.widths[m] for m in models},
@@ -104,6 +115,9 @@ class ModelRunner:
             by_group.setdefault(group_key(req.config), []).append((req, row))
         for (mode, K), items in by_group.items():
             g = self.group(mode, K)
+            if g.lazy:  # K = 0: no draft, so no first plain step
+                g.batch.add([r for r, _ in items], [i for _, i in items])
+                continue
             fresh = g.batch.spawn()
             fresh.add([r for r, _ in items if K and not r.tokens], [i for r, i in items if K and not r.tokens])
             if len(fresh):
@@ -146,6 +160,12 @@ class ModelRunner:
         b = g.batch
         if len(b) == 0:
             return
+        if g.lazy:
+            with torch.inference_mode():
+                b.run(steps)
+            if self.step_hook is not None:
+                self.step_hook((g.mode, g.K), steps, len(b))
+            return
         params = b.params(g.mode_code)
         with torch.inference_mode():
             if self.graphs is not None:
@@ -169,10 +189,18 @@ class ModelRunner:
         if len(b) == 0:
             return []
         n_out, finished, ring, src, stats = b.read()
+        counts = b.take_forward_counts() if g.lazy else None
         W = ring.shape[1]
         ended = []
         for i, req in enumerate(b.requests):
             req.row_stats["host_reads"] = req.row_stats.get("host_reads", 0) + 1
+            if counts is not None:  # decode forwards of each model (prefill not counted)
+                # the lazy schedule reads every forward's candidates on the host
+                req.row_stats["host_reads"] += sum(counts[i][0].values())
+                for key, per_model in zip(("forwards", "forward_tokens"), counts[i]):
+                    acc = req.row_stats.setdefault(key, {"base": 0, "nudger": 0})
+                    for m, v in per_model.items():
+                        acc[m] += v
             have = len(req.tokens)
             cols = [t % W for t in range(have, n_out[i])]
             req.tokens.extend(ring[i, cols].tolist())
