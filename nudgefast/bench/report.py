@@ -20,7 +20,8 @@ def git_info() -> dict:
         return subprocess.run(["git", "-C", str(REPO_ROOT), *a], capture_output=True, text=True, check=True).stdout
     try:
         commit = git("rev-parse", "HEAD").strip()
-        dirty = bool(git("status", "--porcelain").strip())
+        # results written by earlier runs (benchmarks/results/) are outputs, not a change to the code
+        dirty = bool(git("status", "--porcelain", "--", ".", ":(exclude)benchmarks/results").strip())
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None, "dirty": None}
     return {"commit": commit, "dirty": dirty}
