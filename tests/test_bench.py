@@ -432,3 +432,17 @@ def test_native_kernel_isa_says_what_runs():
         avx512 = all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma"))
         expected = "avx512" if avx512 else "avx2+fma" if "avx2" in flags and "fma" in flags else "portable"
         assert here["block_linear"] == expected
+
+
+def test_gguf_q8_runs_its_own_engine_beside_the_dense_one(gguf_model, tmp_path):
+    """--weights gguf-q8: an engine on the GGUF blocks with 8-bit activations, named and labelled so
+    (it once ran the dense engine alone)."""
+    out = tmp_path / "gguf-q8.json"
+    argv = ["--base", str(gguf_model), "--nudger", str(gguf_model), "--mode", "base_only", "--prompt-len", "8",
+            "--new-tokens", "6", "--repeats", "1", "--threads", "1", "--weights", "gguf-q8", "--quiet",
+            "--allow-mismatch", "--out", str(out)]
+    assert bench.main(argv) == 0
+    rows = {s["engine"]: s for s in json.loads(out.read_text())["scenarios"]}
+    assert set(rows) == {"nudgefast", "nudgefast-gguf-q8"}
+    assert rows["nudgefast-gguf-q8"]["weights_format"] == "gguf"
+    assert "8-bit activations (gguf-q8)" in rows["nudgefast-gguf-q8"]["weights_read"]
