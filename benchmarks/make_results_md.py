@@ -163,7 +163,8 @@ def llamacpp_rows(results: list[tuple[str, dict]]) -> list[list[str]]:
         v2 = data.get("schema") == "nudgefast-bench/2"
         for case, engines in by_case.items():
             # schema 2 runs nudgefast on dense weights and on the GGUF blocks: the blocks are the comparison
-            ours = (engines.get("nudgefast-gguf") or engines.get("nudgefast")) if v2 else engines.get("nudgefast")
+            ours = (engines.get("nudgefast-gguf") or engines.get("nudgefast-gguf-q8") or engines.get("nudgefast")
+                    if v2 else engines.get("nudgefast"))
             theirs = engines.get("llamacpp")
             if ours is None or theirs is None:
                 continue

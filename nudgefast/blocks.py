@@ -150,7 +150,9 @@ def quantize_activations_ref(x: torch.Tensor, block: int) -> tuple[torch.Tensor,
     m, k = x.shape
     xb = x.reshape(m, k // block, block)
     amax = xb.abs().amax(dim=-1, keepdim=True)
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    # torch.full_like(...) / amax, not 127.0 / amax: torch computes a scalar over a tensor as
+    # reciprocal() * 127, two roundings, where the native kernel divides once (127.f / amax)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
     xq = torch.round(xb * inv).clamp(-127, 127).to(torch.int8).reshape(m, k)
     return xq, (amax / 127.0).reshape(m, k // block)
 

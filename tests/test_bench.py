@@ -482,3 +482,17 @@ def test_bench_with_tensor_parallelism(tiny_pair, tmp_path):
         assert s["same_tokens"], s["name"]
         assert s["latency_source"].startswith("decode step period"), s["latency_source"]
     assert not [p for p in multiprocessing.active_children() if p.name.startswith("nudgefast-tp")]
+
+
+def test_gguf_q8_runs_its_own_engine_beside_the_dense_one(gguf_model, tmp_path):
+    """--weights gguf-q8: an engine on the GGUF blocks with 8-bit activations, named and labelled so
+    (it once ran the dense engine alone)."""
+    out = tmp_path / "gguf-q8.json"
+    argv = ["--base", str(gguf_model), "--nudger", str(gguf_model), "--mode", "base_only", "--prompt-len", "8",
+            "--new-tokens", "6", "--repeats", "1", "--threads", "1", "--weights", "gguf-q8", "--quiet",
+            "--allow-mismatch", "--out", str(out)]
+    assert bench.main(argv) == 0
+    rows = {s["engine"]: s for s in json.loads(out.read_text())["scenarios"]}
+    assert set(rows) == {"nudgefast", "nudgefast-gguf-q8"}
+    assert rows["nudgefast-gguf-q8"]["weights_format"] == "gguf"
+    assert "8-bit activations (gguf-q8)" in rows["nudgefast-gguf-q8"]["weights_read"]

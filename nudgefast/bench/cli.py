@@ -158,7 +158,7 @@ def check_config(args) -> None:
         except ValueError as e:
             raise BadValue(f"nudgefast bench: {e}".replace("NudgeConfig: ", "")) from e
     check_device(args.device)
-    if args.weights == "gguf" and torch.device(args.device).type != "cpu":
+    if args.weights != "dense" and torch.device(args.device).type != "cpu":
         raise BadValue("nudgefast bench: --weights gguf reads the GGUF blocks on the CPU only (use --device cpu)")
     if args.packaged:
         from ..packaged import _GGUF_PATHS
@@ -200,7 +200,7 @@ def build_models(args) -> Models:
     kv_tokens = need + 128 * max(c.batch for c in args.cases)  # page rounding, chat-template overhead
     if args.preset:
         return preset_models(args.preset, args.device, dtype or torch.bfloat16, kv_tokens, args.seed, **kw)
-    kw["weights"] = args.weights  # dense always; gguf adds the nudgefast-gguf engine
+    kw["weights"] = args.weights  # dense always; gguf (gguf-q8) adds the nudgefast-gguf (-gguf-q8) engine
     if args.tensor_parallel_size > 1:  # the base split across processes (the nudger stays whole)
         kw["tensor_parallel_size"] = args.tensor_parallel_size
     if args.packaged:

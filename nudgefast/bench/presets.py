@@ -341,14 +341,15 @@ def preset_models(name: str, device, dtype: torch.dtype, kv_cache_tokens: int, s
 def dir_models(base_dir, nudger_dir, device, dtype: torch.dtype | None, kv_cache_tokens: int, weights: str = "dense",
                **engine_kw) -> Models:
     """Engines over real model directories: always one on the dense weights (what the anchors and
-    the dense-vs-dense speed-ups use); with weights="gguf" a second on the GGUF blocks, so every
-    GGUF figure has a dense one from the same run beside it."""
+    the dense-vs-dense speed-ups use); with weights="gguf" (or "gguf-q8") a second on the GGUF blocks,
+    "nudgefast-gguf" (or "nudgefast-gguf-q8"), so every GGUF figure has a dense one from the same run
+    beside it."""
     engine = NudgingEngine(base=base_dir, nudger=nudger_dir, device=device, dtype=dtype,
                            kv_cache_tokens=kv_cache_tokens, weights="dense", **engine_kw)
     engines = {}
-    if weights == "gguf":
-        engines["nudgefast-gguf"] = NudgingEngine(base=base_dir, nudger=nudger_dir, device=device, dtype=dtype,
-                                                  kv_cache_tokens=kv_cache_tokens, weights="gguf", **engine_kw)
+    if weights in ("gguf", "gguf-q8"):
+        engines[f"nudgefast-{weights}"] = NudgingEngine(base=base_dir, nudger=nudger_dir, device=device, dtype=dtype,
+                                                        kv_cache_tokens=kv_cache_tokens, weights=weights, **engine_kw)
 
     def loader():
         import transformers as tf
