@@ -355,10 +355,14 @@ def base_stats_ref(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return 1.0 / z, torch.log(z) - sx / z
 
 
+def confident_from_stats(p_top: torch.Tensor, entropy: torch.Tensor, state: GateState) -> torch.Tensor:
+    """bool [B]: each row's gate (p_top >= threshold or entropy <= threshold) against its own threshold."""
+    return torch.where(state.gate == GATE_TOP_PROB, p_top >= state.threshold, entropy <= state.threshold)
+
+
 def confident_ref(logits: torch.Tensor, state: GateState) -> torch.Tensor:
     """bool [B]: each row's gate against its own threshold."""
-    p_top, entropy = base_stats_ref(logits)
-    return torch.where(state.gate == GATE_TOP_PROB, p_top >= state.threshold, entropy <= state.threshold)
+    return confident_from_stats(*base_stats_ref(logits), state)
 
 
 def in_set_ref(tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -443,8 +447,15 @@ def nudge_step_ref(base_logits: torch.Tensor | None, nudger_logits: torch.Tensor
                    params: GateParams, base: ModelCursor | None, nudger: ModelCursor | None) -> None:
     """One nudging decode step for the whole batch, in place (vectorised torch)."""
     check_step_inputs(base_logits, nudger_logits, state, params, base, nudger)
-    rows = state.finished == 0
     b, n, confident = candidates_ref(base_logits, nudger_logits, state, params, state.n_out)
+    step_from_candidates_ref(b, n, confident, state, params, base, nudger)
+
+
+def step_from_candidates_ref(b: torch.Tensor, n: torch.Tensor, confident: torch.Tensor, state: GateState,
+                             params: GateParams, base: ModelCursor | None, nudger: ModelCursor | None) -> None:
+    """The rest of a step once every row's (b, n, confident) is known: the rule, the ending and the
+    splice, in place (also what the tensor-parallel gate runs on candidates combined from shards)."""
+    rows = state.finished == 0
     token, from_nudger, word_state, span = rule_ref(b, n, confident, state.word_state, state.span, state, params)
     state.word_state.copy_(torch.where(rows, word_state, state.word_state))
     state.span.copy_(torch.where(rows, span, state.span))

@@ -32,6 +32,20 @@ import torch
 from .config import ConfigError
 
 
+def _int_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits == 8:
+        return codes.to(torch.int16)
+    n = codes.shape[0]
+    packed = codes.view(n, -1, 16).to(torch.int16)
+    return torch.stack([packed & 0x0F, packed >> 4], dim=2).reshape(n, -1)
+
+
+def _dequantize(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int, block: int) -> torch.Tensor:
+    n, nb = scale.shape
+    w = _int_codes(codes, bits).float().view(n, nb, block)
+    return (w * scale[:, :, None] + offset[:, :, None]).view(n, nb * block)
+
+
 def _exact_in_half(t: torch.Tensor) -> bool:
     """Every value of float32 t survives a round trip through float16 (finite, same bits)."""
     h = t.half()
@@ -87,22 +101,16 @@ class BlockWeight:
 
     def int_codes(self) -> torch.Tensor:
         """The codes as int16 [N, K] (4-bit codes unpacked)."""
-        if self.bits == 8:
-            return self.codes.to(torch.int16)
-        n = self.codes.shape[0]
-        packed = self.codes.view(n, -1, 16).to(torch.int16)
-        return torch.stack([packed & 0x0F, packed >> 4], dim=2).reshape(n, -1)
+        return _int_codes(self.codes, self.bits)
 
     def dequantize(self) -> torch.Tensor:
         """W as float32 [N, K]: scale * code, then + offset (two roundings, as gguf computes it)."""
-        n, k = self.shape
-        codes = self.int_codes().float().view(n, -1, self.block)
-        return (codes * self.scale[:, :, None] + self.offset[:, :, None]).view(n, k)
+        return _dequantize(self.codes, self.scale, self.offset, self.bits, self.block)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Dequantized rows W[ids] (the embedding lookup of a tied, quantized embedding)."""
-        picked = BlockWeight(self.codes[ids], self.scale[ids], self.offset[ids], self.bits, self.block)  # exact
-        return picked.dequantize()
+        """Dequantized rows W[ids] (the embedding lookup of a tied, quantized embedding, every forward:
+        no BlockWeight is built for them, so none of its load-time checks runs)."""
+        return _dequantize(self.codes[ids], self.scale[ids], self.offset[ids], self.bits, self.block)
 
     def widened(self, bits: int, block: int) -> "BlockWeight":
         """The same values in a wider layout (4 -> 8 bits, block 32 -> 16): exact."""

@@ -37,15 +37,15 @@ mass (as sample_rows_ref does), at B * k * N floats. Not implemented here: a bat
 row falls back to gathering the logits (see parallel/tensor.py).
 
 `nudge_step_from_candidates` is the rest of the decode step on rank 0: the nudger's candidate, the
-rule, the ending and the splice, with the torch references of kernels/nudge_gate.py (rule_ref,
-emit_ref, advance_cursor_ref), exactly as nudge_step_ref runs them after its candidates.
+rule, the ending and the splice, with the torch reference of kernels/nudge_gate.py
+(step_from_candidates_ref), exactly as nudge_step_ref runs them after its candidates.
 """
 from __future__ import annotations
 
 import torch
 
-from nudgefast.kernels.nudge_gate import (GATE_TOP_PROB, MODE_BASE_ONLY, MODE_NUDGER_ONLY,
-                                          GateParams, GateState, ModelCursor, advance_cursor_ref, emit_ref, rule_ref)
+from nudgefast.kernels.nudge_gate import (MODE_BASE_ONLY, MODE_NUDGER_ONLY, GateParams, GateState, ModelCursor,
+                                          confident_from_stats, step_from_candidates_ref)
 from nudgefast.kernels.rng import STREAM_NUDGER, gumbel_ref
 from nudgefast.kernels.sample import CONTENDER_SPAN, NEG_BIG, SAMPLE_GREEDY
 
@@ -186,15 +186,5 @@ def nudge_step_from_candidates(candidates, nudger_logits: torch.Tensor | None, s
         n, confident = b, torch.zeros_like(state.finished, dtype=torch.bool)
     else:
         n = sample(nudger_logits, state.seed, state.n_out, STREAM_NUDGER, state.inv_temp, state.top_p, mode)
-        confident = torch.where(state.gate == GATE_TOP_PROB, p_top >= state.threshold, entropy <= state.threshold)
-    # from here on: nudge_step_ref's own steps (the rule, the ending, the splice)
-    rows = state.finished == 0
-    token, from_nudger, word_state, span = rule_ref(b, n, confident, state.word_state, state.span, state, params)
-    state.word_state.copy_(torch.where(rows, word_state, state.word_state))
-    state.span.copy_(torch.where(rows, span, state.span))
-    emit_ref(state, rows, token, from_nudger)
-    running = rows & (state.finished == 0)
-    one = torch.ones_like(state.n_out)
-    for cur in (base, nudger):
-        if cur is not None:
-            advance_cursor_ref(cur, running, token, one)
+        confident = confident_from_stats(p_top, entropy, state)
+    step_from_candidates_ref(b, n, confident, state, params, base, nudger)  # nudge_step_ref's own steps

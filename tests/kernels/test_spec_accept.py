@@ -306,16 +306,21 @@ def test_triton_equals_sequential_rule(V, dtype, mode, gate, word, temperature, 
     (1000, torch.float32, MODE_BASE_ONLY, GATE_TOP_PROB, False, 0.0, 1.0, 1),
 ])
 def test_triton_equals_reference_on_random_drafts(V, dtype, mode, gate, word, temperature, top_p, K):
+    check_against_reference(spec_accept, V, dtype, mode, gate, word, temperature, top_p, K, 10)
+
+
+def check_against_reference(impl, V, dtype, mode, gate, word, temperature, top_p, K, B):
+    """impl (spec_accept, or it with a forced split) equals spec_accept_ref on B rows of random
+    drafts, half of them the base's argmax (long accepts): state, cursors and counters."""
     gen = torch.Generator().manual_seed(V + K)
-    B = 10
-    base_rows, nudger_rows, state, base, nudger = property_batch(B, V, K, dtype, gen, temperature)
+    base_rows, _nudger_rows, state, base, nudger = property_batch(B, V, K, dtype, gen, temperature)
     draft = torch.randint(0, V, (B, K), generator=gen)
     draft[::2] = base_rows[::2, :K].float().argmax(-1)  # half the rows draft the base argmax: long accepts
     prm = Cfg(mode, gate, 0.4 if gate == GATE_TOP_PROB else 1.0, word, temperature, top_p, 12)
     ref = [clone(state), clone(base), clone(nudger), SpecStats.zeros(B)]
     got = [state, base, nudger, SpecStats.zeros(B)]
     spec_accept_ref(base_rows, draft, ref[0], apply(ref[0], prm), ref[1], ref[2], ref[3])
-    spec_accept(base_rows, draft, got[0], apply(got[0], prm), got[1], got[2], got[3])
+    impl(base_rows, draft, got[0], apply(got[0], prm), got[1], got[2], got[3])
     for g, r in zip(got, ref):
         assert_same(g, r)
 

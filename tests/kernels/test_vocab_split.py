@@ -23,12 +23,12 @@ from nudgefast.kernels.nudge_gate import (GATE_ENTROPY, GATE_TOP_PROB, MODE_BASE
                                           MODE_NUDGING, base_stats_ref, nudge_step, nudge_step_ref)
 from nudgefast.kernels.sample import (SAMPLE_GREEDY, SAMPLE_GUMBEL, SAMPLE_NUCLEUS, inverse_temperature, sample_mode,
                                       sample_rows, sample_rows_ref)
-from nudgefast.kernels.spec_accept import SpecStats, spec_accept, spec_accept_ref
+from nudgefast.kernels.spec_accept import spec_accept
 from nudgefast.kernels.vocab_split import (DEFAULT_SM_COUNT, SPLIT_MAX_CHUNKS, SPLIT_MIN_CHUNK, chunk_partials_ref,
                                            combine_partials_ref, plan_chunks)
 from gate_rows import MIXED_ROWS, Cfg, apply
 from test_nudge_gate import assert_same, clone, mixed_case, random_case
-from test_spec_accept import check_against_sequential, property_batch
+from test_spec_accept import check_against_reference, check_against_sequential
 
 # per-row samplers: (temperature, top_p)
 SAMPLERS = [(0.0, 1.0), (0.7, 1.0), (0.7, 0.8), (1.3, 0.95), (0.3, 0.5), (2.0, 1.0), (0.0, 0.4), (0.9, 0.3),
@@ -236,15 +236,5 @@ def test_spec_accept_split_equals_sequential_rule(V, dtype, mode, gate, word, te
     (37, torch.bfloat16, MODE_NUDGING, GATE_ENTROPY, False, 0.7, 0.8, 2, 3),
     (101, torch.float32, MODE_NUDGING, GATE_TOP_PROB, True, 0.0, 1.0, 3, 5)])
 def test_spec_accept_split_equals_reference(V, dtype, mode, gate, word, temperature, top_p, K, chunks):
-    gen = torch.Generator().manual_seed(V + K)
-    B = 4
-    base_rows, _nudger_rows, state, base, nudger = property_batch(B, V, K, dtype, gen, temperature)
-    draft = torch.randint(0, V, (B, K), generator=gen)
-    draft[::2] = base_rows[::2, :K].float().argmax(-1)  # half the rows draft the base argmax: long accepts
-    prm = Cfg(mode, gate, 0.4 if gate == GATE_TOP_PROB else 1.0, word, temperature, top_p, 12)
-    ref = [clone(state), clone(base), clone(nudger), SpecStats.zeros(B)]
-    got = [state, base, nudger, SpecStats.zeros(B)]
-    spec_accept_ref(base_rows, draft, ref[0], apply(ref[0], prm), ref[1], ref[2], ref[3])
-    spec_accept(base_rows, draft, got[0], apply(got[0], prm), got[1], got[2], got[3], chunks=chunks)
-    for g, r in zip(got, ref):
-        assert_same(g, r)
+    split = functools.partial(spec_accept, chunks=chunks)
+    check_against_reference(split, V, dtype, mode, gate, word, temperature, top_p, K, 4)
