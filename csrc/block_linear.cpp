@@ -77,9 +77,10 @@ NF_INLINE float load_s(const void* p, int64_t i) {
 
 // Software prefetch of weight rows [n0, n1) (codes, scales, offsets), clipped to the weight. Why: a
 // register tile reads R rows block by block, R short interleaved streams (a 640-column 8-bit row is
-// 10 cache lines) that the hardware prefetchers follow poorly. Measured on AMD EPYC (Zen 5), one
-// thread, a 262144 x 640 8-bit head (gemma-3's), the tile loop alone: 45 ms without, 17-25 ms with
-// the rows a few KB ahead requested at each tile's start.
+// 10 cache lines) that the hardware prefetchers follow poorly; requesting the rows a few KB ahead
+// at each tile's start is what took gemma-3-270m's decode (its 262144 x 640 8-bit output head
+// dominates) from 0.49x to 0.83x llama.cpp's in one loaded run on an AMD EPYC (Zen 5), one thread
+// (benchmarks/RESULTS.md has the "after" file and its command; "before" is the same command at 74719c0).
 template <bool H>
 NF_INLINE void prefetch_rows(const Job& job, int64_t n0, int64_t n1) {
   n1 = std::min(n1, job.N);
